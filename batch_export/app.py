@@ -1,0 +1,257 @@
+"""From a manifest and command-line options to a finished run: settings, key, lock, store, report.
+
+The command line (:mod:`batch_export.cli`) only parses; everything it asks for happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import anyio
+
+from batch_export.errors import BatchExportError, UsageError
+from batch_export.lifecycle import StatusVocabulary, job_key
+from batch_export.lock import StateLock
+from batch_export.manifest import Manifest
+from batch_export.redact import Redactor
+from batch_export.report import (
+    ConsoleObserver,
+    build_report,
+    configure_logging,
+    new_run_id,
+    write_report,
+)
+from batch_export.runner import Outcome, Runner, RunResult, Settings
+from batch_export.store import MemoryStore
+from batch_export.urls import url_refusal
+
+__all__ = [
+    "DEFAULT_API_URL",
+    "RunOptions",
+    "execute_run",
+    "plan_lines",
+    "resolve_api_key",
+    "resolve_settings",
+]
+
+DEFAULT_API_URL = "https://api.pixxel.space"
+DEFAULT_KEY_ENV = "PIXXEL_API_KEY"
+KEY_FILE_ENV = "PIXXEL_API_KEY_FILE"
+log = logging.getLogger("batch_export")
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """Command-line options of ``run``; ``None`` means "not given" (manifest or default applies)."""
+
+    api_url: str | None = None
+    out: Path | None = None
+    state_dir: Path | None = None
+    in_flight: int | None = None
+    downloads: int | None = None
+    rate: float | None = None
+    force: bool = False
+    dry_run: bool = False
+    report: Path | None = None
+    progress: bool | None = None
+    verbosity: int = 0
+    allow_http: bool = False
+    api_key: str | None = None  # given directly (demo); otherwise from the environment
+
+
+def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
+    """Merge command line > manifest > defaults into :class:`Settings`.
+
+    Raises:
+        UsageError: the API URL is not allowed (plain http to a non-loopback host without
+            ``--allow-http``), or a number is out of range.
+    """
+    limits = manifest.limits
+    api_url = options.api_url or manifest.api.url or DEFAULT_API_URL
+    refusal = url_refusal(api_url, allow_http=options.allow_http, what="API URL")
+    if refusal:
+        raise UsageError(refusal)
+    if options.out is not None:
+        out_dir = options.out.absolute()
+    elif manifest.output.dir is not None:
+        out_dir = manifest.output.dir
+    else:
+        out_dir = manifest.path.absolute().parent / "exports"
+    state_dir = options.state_dir.absolute() if options.state_dir else out_dir / ".batch-export"
+    defaults = Settings(api_url="", out_dir=out_dir, state_dir=state_dir)
+
+    def pick(cli: float | int | None, man: float | int | None, default: float | int) -> float | int:
+        return cli if cli is not None else man if man is not None else default
+
+    settings = Settings(
+        api_url=api_url.rstrip("/"),
+        out_dir=out_dir,
+        state_dir=state_dir,
+        in_flight=int(pick(options.in_flight, limits.in_flight, defaults.in_flight)),
+        downloads=int(pick(options.downloads, limits.downloads, defaults.downloads)),
+        rate=float(pick(options.rate, limits.rate, defaults.rate)),
+        poll_interval=float(pick(None, limits.poll_interval, defaults.poll_interval)),
+        poll_max_interval=float(pick(None, limits.poll_max_interval, defaults.poll_max_interval)),
+        poll_timeout=float(pick(None, limits.poll_timeout, defaults.poll_timeout)),
+        retries=int(pick(None, limits.retries, defaults.retries)),
+        read_timeout=float(pick(None, limits.read_timeout, defaults.read_timeout)),
+        vocabulary=StatusVocabulary.from_lists(
+            manifest.api.ready_statuses, manifest.api.failed_statuses
+        ),
+        allow_http=options.allow_http,
+        force=options.force,
+    )
+    if settings.poll_max_interval < settings.poll_interval:
+        settings = _replace_max_interval(settings)
+    if settings.in_flight < 1 or settings.downloads < 1 or settings.rate <= 0:
+        raise UsageError("--in-flight and --downloads must be >= 1 and --rate > 0")
+    return settings
+
+
+def _replace_max_interval(settings: Settings) -> Settings:
+    return replace(settings, poll_max_interval=settings.poll_interval)
+
+
+def resolve_api_key(manifest: Manifest, environ: dict[str, str] | None = None) -> str:
+    """Return the API key from exactly one source (SPEC §2).
+
+    Sources: the environment variable named by ``api.key_env`` (default ``PIXXEL_API_KEY``), the file
+    named by ``api.key_file``, or the file named by ``PIXXEL_API_KEY_FILE`` (surrounding white space
+    stripped). Never from the manifest text.
+
+    Raises:
+        UsageError: no source, more than one source, or an unreadable/empty key file.
+    """
+    env = os.environ if environ is None else environ
+    key_env = manifest.api.key_env or DEFAULT_KEY_ENV
+    sources: list[tuple[str, Callable[[], str]]] = []
+    if env.get(key_env):
+        sources.append((f"environment variable {key_env}", lambda: env[key_env]))
+    if manifest.api.key_file is not None:
+        path = manifest.api.key_file
+        sources.append((f"key file {path} (api.key_file)", lambda: _read_key_file(path)))
+    if env.get(KEY_FILE_ENV):
+        env_path = Path(env[KEY_FILE_ENV])
+        sources.append((f"key file {env_path} ({KEY_FILE_ENV})", lambda: _read_key_file(env_path)))
+    if not sources:
+        raise UsageError(
+            f"no API key: set the environment variable {key_env}, or name a key file in "
+            f"api.key_file or {KEY_FILE_ENV}"
+        )
+    if len(sources) > 1:
+        names = " and ".join(name for name, _ in sources)
+        raise UsageError(f"the API key is set more than once ({names}); keep one")
+    key = sources[0][1]().strip()
+    if not key:
+        raise UsageError(f"the API key from {sources[0][0]} is empty")
+    if re.search(r"[\r\n\x00]", key):
+        raise UsageError(f"the API key from {sources[0][0]} contains a line break or NUL")
+    return key
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise UsageError(f"cannot read the API key file {path}: {reason}") from None
+
+
+def plan_lines(manifest: Manifest, settings: Settings | None) -> list[str]:
+    """Return the plan as text lines: one per job, then totals and the rate-limit estimate."""
+    lines = []
+    for spec in manifest.exports:
+        dest = settings.out_dir / spec.relpath if settings else Path(spec.relpath)
+        lines.append(
+            f"{job_key(spec)[:12]}  PUT /v0/aoi/{spec.aoi_id}/insights/{spec.insight_id}/download"
+            f"  inputs={list(spec.inputs)} outputs={list(spec.outputs)}  -> {dest}"
+        )
+    jobs = len(manifest.exports)
+    rate = settings.rate if settings else manifest.limits.rate or 2.0
+    lines.append(
+        f"{jobs} job(s); at least {jobs} API request(s), {2 * jobs} when the first answer is "
+        f"pending; at {rate:g} requests/s that is at least {2 * jobs / rate:.1f} s of API time"
+    )
+    return lines
+
+
+def execute_run(manifest: Manifest, options: RunOptions) -> int:
+    """Run ``manifest`` and return the exit code (SPEC §2). Prints errors; raises nothing expected."""
+    redactor = Redactor([options.api_key] if options.api_key else [])
+    configure_logging(verbosity=options.verbosity, redactor=redactor)
+    for warning in manifest.warnings:
+        log.warning("%s", warning)
+    try:
+        settings = resolve_settings(manifest, options)
+        if options.dry_run:
+            for line in plan_lines(manifest, settings):
+                print(line)
+            return 0
+        api_key = options.api_key or resolve_api_key(manifest)
+    except UsageError as exc:
+        print(f"batch-export: {redactor(exc.message)}", file=sys.stderr)
+        return 2
+    redactor.add(api_key)
+    try:
+        with StateLock(settings.state_dir):
+            return _run_locked(manifest, settings, options, api_key, redactor)
+    except BatchExportError as exc:
+        print(f"batch-export: {redactor(exc.message)}", file=sys.stderr)
+        return 75 if exc.code == "locked" else 2
+
+
+def _run_locked(
+    manifest: Manifest, settings: Settings, options: RunOptions, api_key: str, redactor: Redactor
+) -> int:
+    run_id = new_run_id()
+    started_at = time.time()
+    progress = options.progress if options.progress is not None else sys.stderr.isatty()
+    observer = ConsoleObserver(
+        total=len(manifest.exports), progress=progress and options.verbosity >= 0
+    )
+    store = MemoryStore()
+    runner = Runner(
+        settings,
+        manifest.exports,
+        api_key=api_key,
+        store=store,
+        observer=observer,
+        redactor=redactor,
+    )
+
+    async def main() -> RunResult:
+        with observer.live():
+            return await runner.run()
+
+    result = anyio.run(main)
+    exit_code = result.exit_code
+    report = build_report(
+        run_id=run_id,
+        started_at=started_at,
+        finished_at=time.time(),
+        exit_code=exit_code,
+        result=result,
+    )
+    report_path = settings.state_dir / "reports" / f"{run_id}.json"
+    write_report(report, report_path, redactor=redactor)
+    if options.report is not None:
+        write_report(report, options.report.absolute(), redactor=redactor)
+    summary = (
+        f"summary: {len(result.jobs)} job(s): {result.count(Outcome.DOWNLOADED)} downloaded, "
+        f"{result.count(Outcome.SKIPPED)} skipped, {result.count(Outcome.FAILED)} failed, "
+        f"{result.count(Outcome.PENDING)} pending in {result.wall_seconds:.1f} s; "
+        f"{result.api_requests} API request(s) ({result.throttled} throttled), "
+        f"{result.storage_requests} storage request(s); exit {exit_code}; report {report_path}"
+    )
+    if exit_code != 0:
+        log.warning("%s", summary)
+    else:
+        log.info("%s", summary)
+    return exit_code

@@ -1,0 +1,196 @@
+"""The ``batch-export`` command line: parses, then hands over to :mod:`batch_export.app`.
+
+Exit codes (SPEC §2): 0 all done; 1 some job failed; 2 usage or manifest error (nothing requested);
+75 another run holds the state-dir lock.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from batch_export import __version__
+from batch_export.app import RunOptions, execute_run, plan_lines
+from batch_export.errors import ManifestError
+from batch_export.manifest import Manifest, load_manifest
+from batch_export.sandbox.cli import sandbox_command
+
+__all__ = ["main"]
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=_CONTEXT)
+@click.version_option(__version__, prog_name="batch-export")
+def main() -> None:
+    """Export Pixxel insight packages in bulk: manifest -> PUT -> poll -> verified files on disk.
+
+    \b
+    Exit codes: 0 every job done; 1 some job failed (see the report); 2 usage or
+    manifest error, nothing requested; 75 another run holds the lock on the state dir.
+    """
+
+
+def _load(path: Path) -> Manifest:
+    try:
+        return load_manifest(path)
+    except ManifestError as exc:
+        for line in exc.problems:
+            click.echo(line, err=True)
+        count = len(exc.problems)
+        click.echo(f"batch-export: {count} problem(s) in {path}; nothing was requested", err=True)
+        sys.exit(2)
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--api-url",
+    envvar="BATCH_EXPORT_API_URL",
+    metavar="URL",
+    help="API base URL [env BATCH_EXPORT_API_URL; default: manifest api.url, else https://api.pixxel.space].",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Output root (relative to the working dir) [default: manifest output.dir, else exports/ beside the manifest].",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="State store, lock and reports [default: <out>/.batch-export].",
+)
+@click.option(
+    "--in-flight",
+    type=click.IntRange(1, 100_000),
+    metavar="N",
+    help="Jobs being requested/polled at once; raise to hundreds for big migrations [default 32].",
+)
+@click.option(
+    "--downloads",
+    type=click.IntRange(1, 1024),
+    metavar="N",
+    help="Simultaneous downloads [default 4].",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.0, min_open=True),
+    metavar="R",
+    help="API requests per second, all jobs together, polls included [default 2].",
+)
+@click.option("--force", is_flag=True, help="Redo jobs already done.")
+@click.option("--dry-run", is_flag=True, help="Print what would be requested; send nothing.")
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the JSON run report here.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress display on stderr [default: on only when stderr is a terminal].",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Warnings only; the summary only when the exit code is not 0.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="More detail (every state change).")
+@click.option(
+    "--allow-http",
+    is_flag=True,
+    help="Allow plain-http API and signed URLs on non-loopback hosts (loopback is always allowed).",
+)
+def run(
+    manifest: Path,
+    api_url: str | None,
+    out: Path | None,
+    state_dir: Path | None,
+    in_flight: int | None,
+    downloads: int | None,
+    rate: float | None,
+    force: bool,
+    dry_run: bool,
+    report: Path | None,
+    progress: bool | None,
+    quiet: bool,
+    verbose: bool,
+    allow_http: bool,
+) -> None:
+    """Export every package the MANIFEST lists.
+
+    The API key comes from the environment variable named by the manifest's api.key_env (default
+    PIXXEL_API_KEY), or from a file named by api.key_file or PIXXEL_API_KEY_FILE.
+    """
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose exclude each other")
+    loaded = _load(manifest)
+    options = RunOptions(
+        api_url=api_url,
+        out=out,
+        state_dir=state_dir,
+        in_flight=in_flight,
+        downloads=downloads,
+        rate=rate,
+        force=force,
+        dry_run=dry_run,
+        report=report,
+        progress=progress,
+        verbosity=-1 if quiet else 1 if verbose else 0,
+        allow_http=allow_http,
+    )
+    sys.exit(execute_run(loaded, options))
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+def validate(manifest: Path) -> None:
+    """Check the MANIFEST and print the plan; requests nothing. Exit 0 if valid, 2 if not."""
+    loaded = _load(manifest)
+    for warning in loaded.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    for line in plan_lines(loaded, None):
+        click.echo(line)
+
+
+@main.command(context_settings=_CONTEXT)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("demo-exports"),
+    show_default=True,
+    help="Where the demo packages go.",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress display [default: auto].")
+def demo(out: Path, progress: bool | None) -> None:
+    """Start the sandbox in-process and run the bundled manifests/demo.yaml against it."""
+    from anyio.from_thread import start_blocking_portal
+
+    from batch_export.sandbox import DEMO_KEY, Sandbox, SandboxConfig
+
+    source = resources.files("batch_export") / "manifests" / "demo.yaml"
+    with resources.as_file(source) as manifest_path:
+        loaded = _load(manifest_path)
+    config = SandboxConfig(prepare_seconds=1.0, asset_size=512 * 1024)
+    with start_blocking_portal(backend="asyncio") as portal:
+        sandbox = Sandbox(config)
+        portal.call(sandbox.start)
+        click.echo(f"sandbox API at {sandbox.api_url}, storage at {sandbox.storage_url}", err=True)
+        try:
+            code = execute_run(
+                loaded,
+                RunOptions(api_url=sandbox.api_url, out=out, api_key=DEMO_KEY, progress=progress),
+            )
+        finally:
+            portal.call(sandbox.close)
+    click.echo(
+        f"packages are in {out.absolute()} (report under {out.absolute()}/.batch-export/reports)"
+    )
+    sys.exit(code)
+
+
+main.add_command(sandbox_command)

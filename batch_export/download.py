@@ -1,0 +1,566 @@
+"""Streaming a package from its signed URL to ``<final>.part``, verifying it, and committing it.
+
+The rules (SPEC §4): GET the URL byte for byte, with no API header, never HEAD; no total timeout,
+``read_timeout`` between bytes; no content decoding; pieces of at least 1 MiB; resume with
+``Range``/``If-Range``; verify length, MD5 (``Content-MD5``, ``x-goog-hash``, plain-hex ``ETag``),
+zip signature and every member's CRC; fsync, atomic rename, fsync the folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import hashlib
+import os
+import random
+import re
+import zipfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiohttp
+import anyio
+from yarl import URL
+
+from batch_export.clock import Clock
+from batch_export.errors import (
+    JobError,
+    LocalIOError,
+    RetriesExhausted,
+    StorageError,
+    UrlRejected,
+    VerificationError,
+)
+from batch_export.lifecycle import backoff_delay
+from batch_export.urls import url_refusal
+
+__all__ = [
+    "PIECE_SIZE",
+    "Downloader",
+    "Transfer",
+    "commit_part",
+    "discard_part",
+    "part_path",
+    "verify_package",
+]
+
+#: Bytes handed to the writer thread at once (SPEC §4: at least 1 MiB).
+PIECE_SIZE = 1024 * 1024
+_MAX_REDIRECTS = 5
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def part_path(final: Path) -> Path:
+    """Return the ``.part`` path beside ``final``."""
+    return final.with_name(final.name + ".part")
+
+
+@dataclass(slots=True)
+class Transfer:
+    """What was streamed into the ``.part`` and what the server promised about it.
+
+    Attributes:
+        size: bytes in the ``.part`` (bytes).
+        sha256: hex digest of those bytes, computed while streaming.
+        md5: hex digest of those bytes, computed while streaming.
+        expected_size: ``Content-Length`` of a 200 or the total of ``Content-Range`` (bytes).
+        expected_md5: hex MD5 promised by the server (see :func:`_promised_md5`), if any.
+        etag: the entity's ``ETag``, for ``If-Range`` on a later resume.
+        resumed_from: offset (bytes) the last successful request started at.
+    """
+
+    size: int = 0
+    sha256: str = ""
+    md5: str = ""
+    expected_size: int | None = None
+    expected_md5: str | None = None
+    etag: str | None = None
+    resumed_from: int = 0
+
+
+class _PartSink:
+    """The ``.part`` file plus running hashes; every method runs in a worker thread."""
+
+    def __init__(self, path: Path, resume_from: int) -> None:
+        self.path = path
+        self._sha = hashlib.sha256()
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: BinaryIO = open(path, "r+b" if resume_from and path.exists() else "w+b")
+        if resume_from:
+            self._rehash(resume_from)
+
+    def _rehash(self, upto: int) -> None:
+        self._file.seek(0)
+        while self.size < upto:
+            block = self._file.read(min(PIECE_SIZE * 4, upto - self.size))
+            if not block:
+                break
+            self._sha.update(block)
+            self._md5.update(block)
+            self.size += len(block)
+        self._file.seek(self.size)
+        self._file.truncate()
+
+    def reset(self) -> None:
+        """Throw away the bytes so far and start again from 0."""
+        self._file.seek(0)
+        self._file.truncate()
+        self._sha, self._md5, self.size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` and hash it (hashlib releases the GIL for large buffers)."""
+        self._file.write(data)
+        self._sha.update(data)
+        self._md5.update(data)
+        self.size += len(data)
+
+    def finish(self) -> tuple[str, str]:
+        """Flush and fsync the file; return ``(sha256, md5)`` hex digests."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return self._sha.hexdigest(), self._md5.hexdigest()
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        self._file.close()
+
+
+class Downloader:
+    """Streams signed URLs into ``.part`` files, with retries and Range resume.
+
+    Args:
+        session: an ``aiohttp.ClientSession`` dedicated to storage: no default headers, created with
+            ``auto_decompress=False`` so the bytes on disk are the bytes served.
+        clock: time source.
+        retries: retry budget for one URL (5xx, network errors, truncation, stalls, HTML pages).
+        read_timeout: seconds without a byte before the connection counts as stalled.
+        allow_http: allow plain-http URLs/redirects to non-loopback hosts.
+        backoff_base: seconds (first retry waits up to this, full jitter, doubling).
+        backoff_cap: seconds.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        clock: Clock,
+        retries: int,
+        read_timeout: float,
+        allow_http: bool = False,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._session = session
+        self._clock = clock
+        self._retries = retries
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=read_timeout, sock_read=read_timeout
+        )
+        self._allow_http = allow_http
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._rng = rng or random.Random()
+        self.requests_sent = 0
+
+    async def transfer(
+        self,
+        url: str,
+        part: Path,
+        *,
+        etag: str | None,
+        job_key: str,
+        url_expired: Callable[[], bool],
+        on_attempt: Callable[[int, str | None], Awaitable[None]],
+        on_bytes: Callable[[int], None] = lambda n: None,
+    ) -> Transfer:
+        """Stream ``url`` into ``part``, resuming it when ``etag`` says its bytes are still valid.
+
+        Args:
+            url: the signed URL, used byte for byte.
+            part: the ``.part`` path; kept on failure for a later resume.
+            etag: ETag of the bytes already in ``part`` (``None``: start from 0).
+            job_key: for error attribution.
+            url_expired: returns True when the URL is known to be expired (checked before retries).
+            on_attempt: awaited with ``(offset, etag)`` once a response is accepted, before its
+                body is written, so the caller can record the state and the ETag.
+            on_bytes: called with each piece's size in bytes (progress).
+
+        Returns:
+            The :class:`Transfer`, with the ``.part`` complete as far as the server said.
+
+        Raises:
+            UrlRejected: storage answered 400/401/403, or the URL expired before a retry.
+            RetriesExhausted: retryable errors beyond the budget.
+            StorageError: a non-retryable answer (404, 410, …).
+            LocalIOError: the disk failed us.
+        """
+        state = Transfer(etag=etag)
+        sink: _PartSink | None = None
+        failures = 0
+        try:
+            while True:
+                offset = await self._resume_offset(part, state, sink)
+                try:
+                    sink = await self._attempt(url, part, state, sink, offset, on_attempt, on_bytes)
+                    state.sha256, state.md5 = await _local(sink.finish)
+                    state.size = sink.size
+                    return state
+                except _Retry as exc:
+                    failures += 1
+                    if failures > self._retries:
+                        raise RetriesExhausted(
+                            f"{exc.message} (after {failures} attempts)",
+                            code=exc.code,
+                            http_status=exc.http_status,
+                            job_key=job_key,
+                        ) from None
+                    if exc.restart:
+                        state.etag = None
+                    if exc.delay:
+                        await self._clock.sleep(
+                            backoff_delay(
+                                failures - 1,
+                                base=self._backoff_base,
+                                cap=self._backoff_cap,
+                                rng=self._rng,
+                            )
+                        )
+                    if url_expired():
+                        raise UrlRejected(
+                            "signed URL expired before the download could resume",
+                            code="url_expired",
+                            job_key=job_key,
+                        ) from None
+                except JobError as exc:
+                    exc.job_key = job_key
+                    raise
+        finally:
+            if sink is not None:
+                await anyio.to_thread.run_sync(sink.close)
+
+    async def _resume_offset(self, part: Path, state: Transfer, sink: _PartSink | None) -> int:
+        if state.etag is None:
+            return 0
+        if sink is not None:
+            return sink.size
+        try:
+            return (await anyio.Path(part).stat()).st_size
+        except FileNotFoundError:
+            state.etag = None
+            return 0
+
+    async def _attempt(
+        self,
+        url: str,
+        part: Path,
+        state: Transfer,
+        sink: _PartSink | None,
+        offset: int,
+        on_attempt: Callable[[int, str | None], Awaitable[None]],
+        on_bytes: Callable[[int], None],
+    ) -> _PartSink:
+        headers = {"Accept-Encoding": "identity"}
+        if offset > 0 and state.etag:
+            headers["Range"] = f"bytes={offset}-"
+            headers["If-Range"] = state.etag
+        else:
+            offset = 0
+        try:
+            async with self._get(url, headers) as resp:
+                start = await self._accept(resp, state, offset)
+                if sink is None:
+                    sink = await _local(_PartSink, part, start)
+                elif sink.size != start:
+                    await _local(sink.reset)
+                await on_attempt(start, state.etag)
+                await self._stream(resp, sink, on_bytes)
+                if state.expected_size is not None and sink.size != state.expected_size:
+                    raise _Retry(
+                        f"storage sent {sink.size} of {state.expected_size} bytes",
+                        code="truncated",
+                    )
+                return sink
+        except _Retry:
+            raise
+        except JobError:
+            raise
+        except aiohttp.ClientPayloadError:
+            raise _Retry("connection broke mid-body", code="truncated") from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _Retry(
+                f"network error talking to storage: {_describe(exc)}", code="network_error"
+            ) from None
+
+    def _get(self, url: str, headers: dict[str, str]) -> Any:
+        return _RedirectingGet(self, url, headers)
+
+    async def _accept(self, resp: aiohttp.ClientResponse, state: Transfer, offset: int) -> int:
+        """Decide what the answer means; return the offset the body starts at."""
+        status = resp.status
+        if status in (400, 401, 403):
+            body = await resp.content.read(16384)
+            raise UrlRejected(_storage_error_text(status, body), http_status=status)
+        if status == 416:
+            raise _Retry(
+                "storage refused the Range (416)",
+                code="range_not_satisfiable",
+                restart=True,
+                delay=False,
+            )
+        if status >= 500 or status in (408, 429):
+            raise _Retry(
+                f"storage answered HTTP {status}", code=f"http_{status}", http_status=status
+            )
+        if status not in (200, 206):
+            raise StorageError(
+                f"storage answered HTTP {status}", code=f"storage_http_{status}", http_status=status
+            )
+        content_type = resp.headers.get("Content-Type", "").lower()
+        if content_type.startswith("text/html"):
+            raise _Retry(
+                "storage answered an HTML page, not the package",
+                code="html_body",
+                http_status=status,
+            )
+        etag = resp.headers.get("ETag")
+        if status == 206:
+            match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if (
+                not match
+                or int(match.group(1)) != offset
+                or offset == 0
+                or etag != state.etag
+                or match.group(3) == "*"
+            ):
+                raise _Retry(
+                    "storage answered a Range that does not fit the .part",
+                    code="bad_range",
+                    restart=True,
+                    delay=False,
+                )
+            state.expected_size = int(match.group(3))
+            state.expected_md5 = _promised_md5(resp, full=False)
+            state.resumed_from = offset
+            return offset
+        # 200: the whole entity, from byte 0 (also when we asked for a Range).
+        length = resp.headers.get("Content-Length")
+        state.expected_size = int(length) if length and length.isdigit() else None
+        state.expected_md5 = _promised_md5(resp, full=True)
+        state.etag = etag
+        state.resumed_from = 0
+        return 0
+
+    async def _stream(
+        self, resp: aiohttp.ClientResponse, sink: _PartSink, on_bytes: Callable[[int], None]
+    ) -> None:
+        buffer = bytearray()
+        async for chunk in resp.content.iter_any():
+            buffer += chunk
+            if len(buffer) >= PIECE_SIZE:
+                data = bytes(buffer)
+                buffer.clear()
+                await _local(sink.write, data)
+                on_bytes(len(data))
+        if buffer:
+            await _local(sink.write, bytes(buffer))
+            on_bytes(len(buffer))
+
+
+class _RedirectingGet:
+    """``async with``: GET a URL byte for byte, following up to 5 redirects to allowed URLs only."""
+
+    def __init__(self, downloader: Downloader, url: str, headers: dict[str, str]) -> None:
+        self._d = downloader
+        self._url = url
+        self._headers = headers
+        self._resp: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        url = self._url
+        for _ in range(_MAX_REDIRECTS + 1):
+            refusal = url_refusal(url, allow_http=self._d._allow_http, what="signed URL")
+            if refusal:
+                raise StorageError(refusal, code="url_not_allowed")
+            self._d.requests_sent += 1
+            resp = await self._d._session.get(
+                URL(url, encoded=True),
+                headers=self._headers,
+                timeout=self._d._timeout,
+                allow_redirects=False,
+            )
+            if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                location = resp.headers["Location"]
+                resp.release()
+                url = str(URL(url, encoded=True).join(URL(location, encoded=True)))
+                continue
+            self._resp = resp
+            return resp
+        raise StorageError("storage redirected more than 5 times", code="too_many_redirects")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._resp is not None:
+            self._resp.release()
+
+
+class _Retry(JobError):
+    """A retryable failure of one storage request."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        http_status: int | None = None,
+        restart: bool = False,
+        delay: bool = True,
+    ) -> None:
+        super().__init__(message, code=code, http_status=http_status)
+        self.restart = restart
+        self.delay = delay
+
+
+def _promised_md5(resp: aiohttp.ClientResponse, *, full: bool) -> str | None:
+    """Return the hex MD5 the storage host vouches for, if any.
+
+    ``Content-MD5`` (base64; full 200 answers only), ``x-goog-hash: md5=<base64>`` (GCS), or a
+    plain 32-hex ``ETag`` (S3 single-part uploads), skipped under SSE-KMS or SSE-C, whose ETags are
+    not MD5s (AWS S3 docs, "Checking object integrity").
+    """
+    headers = resp.headers
+    if full and headers.get("Content-MD5"):
+        digest = _b64_to_hex(headers["Content-MD5"])
+        if digest:
+            return digest
+    for value in headers.getall("x-goog-hash", []):
+        for item in value.split(","):
+            name, _, b64 = item.strip().partition("=")
+            if name.lower() == "md5":
+                digest = _b64_to_hex(b64)
+                if digest:
+                    return digest
+    sse = headers.get("x-amz-server-side-encryption", "").lower()
+    sse_c = headers.get("x-amz-server-side-encryption-customer-algorithm")
+    etag = (headers.get("ETag") or "").strip()
+    if sse == "aws:kms" or sse.startswith("aws:kms") or sse_c or etag.startswith("W/"):
+        return None
+    etag = etag.strip('"')
+    return etag.lower() if _HEX32.match(etag) else None
+
+
+def _b64_to_hex(value: str) -> str | None:
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 16 else None
+
+
+_XML_FIELD = re.compile(rb"<(Code|Message)>([^<]{0,200})</\1>")
+
+
+def _storage_error_text(status: int, body: bytes) -> str:
+    """Describe a storage refusal from its S3/GCS/Azure XML ``Code``/``Message`` when present."""
+    fields = {
+        m.group(1).decode(): m.group(2).decode("utf-8", "replace")
+        for m in _XML_FIELD.finditer(body)
+    }
+    detail = ": ".join(v for v in (fields.get("Code"), fields.get("Message")) if v)
+    return f"storage refused the signed URL (HTTP {status})" + (f": {detail}" if detail else "")
+
+
+class _LocalFailure(LocalIOError):
+    """A local file operation failed (disk full, read-only, permission)."""
+
+
+async def _local(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a file operation in a worker thread, translating OSError into LocalIOError."""
+    try:
+        return await anyio.to_thread.run_sync(fn, *args)
+    except OSError as exc:
+        raise _local_io_error(exc, "") from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "no data for read_timeout (stalled)"
+    errno_ = getattr(exc, "errno", None)
+    return type(exc).__name__ + (f" (errno {errno_})" if errno_ else "")
+
+
+def _local_io_error(exc: OSError, job_key: str) -> LocalIOError:
+    code = {
+        errno.ENOSPC: "disk_full",
+        errno.EDQUOT: "disk_full",
+        errno.EROFS: "read_only_output",
+        errno.EACCES: "permission_denied",
+        errno.EPERM: "permission_denied",
+    }.get(exc.errno or 0, "local_io")
+    return LocalIOError(
+        f"cannot write the package: {os.strerror(exc.errno) if exc.errno else type(exc).__name__}",
+        code=code,
+        job_key=job_key,
+    )
+
+
+def verify_package(part: Path, transfer: Transfer) -> None:
+    """Check the ``.part`` against what the server promised and against the zip format.
+
+    Runs in a worker thread (the CRC check reads the file once more).
+
+    Raises:
+        VerificationError: ``size_mismatch``, ``md5_mismatch``, ``not_a_zip``, ``bad_zip`` or
+            ``zip_crc``.
+    """
+    if transfer.expected_size is not None and transfer.size != transfer.expected_size:
+        raise VerificationError(
+            f"got {transfer.size} bytes, the server announced {transfer.expected_size}",
+            code="size_mismatch",
+        )
+    if transfer.expected_md5 and transfer.md5 != transfer.expected_md5:
+        raise VerificationError("MD5 of the bytes does not match the server's", code="md5_mismatch")
+    with open(part, "rb") as handle:
+        signature = handle.read(4)
+    if signature not in _ZIP_SIGNATURES:
+        raise VerificationError("the body is not a zip package", code="not_a_zip")
+    try:
+        with zipfile.ZipFile(part) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # zipfile raises many types on hostile input
+        raise VerificationError(
+            f"the zip package is unreadable ({type(exc).__name__})", code="bad_zip"
+        ) from None
+    if bad is not None:
+        raise VerificationError(f"CRC check failed for member {bad[:200]!r}", code="zip_crc")
+
+
+def commit_part(part: Path, final: Path) -> None:
+    """Fsync'ed ``.part`` -> ``final`` atomically, then fsync the folder (worker thread).
+
+    Raises:
+        LocalIOError: the rename or the folder fsync failed.
+    """
+    try:
+        os.replace(part, final)
+        fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _local_io_error(exc, "") from None
+
+
+def discard_part(part: Path) -> None:
+    """Remove a ``.part`` (no error if it is gone)."""
+    try:
+        part.unlink()
+    except FileNotFoundError:
+        pass

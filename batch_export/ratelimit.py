@@ -1,0 +1,115 @@
+"""One shared API rate limit for every request of a run (first requests and polls alike).
+
+A token bucket with burst 1 (requests spaced ``1/rate`` seconds apart), served first come, first
+served, that a 429 pauses for its ``Retry-After`` and slows down: the rate is halved at most once per
+pause, never below :data:`MIN_RATE`, then climbs back toward the configured rate while no 429 comes
+(additive increase, multiplicative decrease), so a server whose real limit is below the configured
+rate is followed instead of hammered (SPEC §4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anyio
+
+from batch_export.clock import Clock
+
+__all__ = ["MAX_RETRY_AFTER", "MIN_RATE", "LimiterStats", "RateLimiter"]
+
+#: Floor of the adaptive rate, requests/s.
+MIN_RATE = 0.05
+#: Longest pause a Retry-After can impose, seconds (SPEC §4: clamp to 0–900 s).
+MAX_RETRY_AFTER = 900.0
+#: Seconds without a 429 before the rate starts climbing back.
+_CALM_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStats:
+    """A snapshot of the limiter: current rate (requests/s), pause left (seconds), 429s seen."""
+
+    rate: float
+    target_rate: float
+    paused_for: float
+    throttled: int
+    granted: int
+
+
+class RateLimiter:
+    """Shared token bucket (burst 1) with Retry-After pauses and adaptive rate.
+
+    Args:
+        rate: target rate in requests/s (> 0).
+        clock: time source; all waits go through ``clock.sleep``.
+    """
+
+    def __init__(self, rate: float, *, clock: Clock) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0 requests/s")
+        self._target = rate
+        self._rate = rate
+        self._clock = clock
+        self._lock = anyio.Lock()  # FIFO: waiters are served in arrival order
+        self._next_slot = clock.monotonic()
+        self._paused_until = 0.0
+        self._halved_this_pause = False
+        self._last_429 = -1e18
+        self._last_climb = clock.monotonic()
+        self._throttled = 0
+        self._granted = 0
+
+    @property
+    def stats(self) -> LimiterStats:
+        """Current state, for progress displays and metrics."""
+        now = self._clock.monotonic()
+        return LimiterStats(
+            rate=self._rate,
+            target_rate=self._target,
+            paused_for=max(0.0, self._paused_until - now),
+            throttled=self._throttled,
+            granted=self._granted,
+        )
+
+    async def acquire(self) -> None:
+        """Wait for this caller's turn to send one API request (FIFO)."""
+        async with self._lock:
+            while True:
+                now = self._clock.monotonic()
+                self._climb(now)
+                ready_at = max(self._next_slot, self._paused_until)
+                if ready_at <= now:
+                    break
+                await self._clock.sleep(ready_at - now)
+            self._next_slot = max(self._next_slot, now) + 1.0 / self._rate
+            self._granted += 1
+
+    def throttled(self, retry_after: float | None) -> None:
+        """Record a 429: pause everyone for ``retry_after`` seconds (clamped) and slow down.
+
+        ``retry_after`` ``None`` (absent or garbage header) pauses for one slot at the new rate.
+        """
+        now = self._clock.monotonic()
+        self._throttled += 1
+        self._last_429 = now
+        if now >= self._paused_until:
+            self._halved_this_pause = False  # a new pause begins
+        if not self._halved_this_pause:
+            self._rate = max(MIN_RATE, self._rate / 2.0)
+            self._halved_this_pause = True
+        pause = 1.0 / self._rate if retry_after is None else retry_after
+        pause = min(MAX_RETRY_AFTER, max(0.0, pause))
+        self._paused_until = max(self._paused_until, now + pause)
+        self._next_slot = max(self._next_slot, self._paused_until)
+
+    def _climb(self, now: float) -> None:
+        # Additive increase: +5 % of the target per calm second, once calm for _CALM_SECONDS.
+        if self._rate >= self._target:
+            self._last_climb = now
+            return
+        if now - self._last_429 < _CALM_SECONDS or now < self._paused_until:
+            self._last_climb = now
+            return
+        elapsed = now - self._last_climb
+        self._last_climb = now
+        self._rate = min(self._target, self._rate + 0.05 * self._target * elapsed)

@@ -1,0 +1,61 @@
+"""Redaction of secrets from anything a human or a file will see.
+
+Signed-URL query strings carry the credential of the storage host; the API key is the user's.
+Neither may reach a log line, a report, the state store, an exception message or a traceback
+(SPEC §4–5). Everything that formats text for output passes through :class:`Redactor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+__all__ = ["REDACTED", "RedactingFilter", "Redactor", "redact_url"]
+
+REDACTED = "<redacted>"
+# A URL followed by a query string: keep scheme://host/path, drop the query (and fragment).
+_URL_QUERY = re.compile(r"(?i)\b((?:https?|wss?)://[^\s?#\"'<>]*)\?[^\s\"'<>]*")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its query string replaced by ``?<redacted>`` (no change if it has none)."""
+    base, sep, _ = url.partition("?")
+    return f"{base}?{REDACTED}" if sep else base
+
+
+class Redactor:
+    """Removes the given secrets and every URL query string from text."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def add(self, secret: str) -> None:
+        """Also redact ``secret`` from now on (ignored when empty)."""
+        if secret and secret not in self._secrets:
+            self._secrets.append(secret)
+            self._secrets.sort(key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        """Return ``text`` without secrets or URL query strings."""
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return _URL_QUERY.sub(lambda m: f"{m.group(1)}?{REDACTED}", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts the rendered message (args included) and exception text."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redact = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Render the record's message once, redacted; format any traceback redacted too."""
+        record.msg = self._redact(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = self._redact(text)
+            record.exc_info = None
+        return True

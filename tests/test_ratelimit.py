@@ -1,0 +1,75 @@
+import anyio
+import pytest
+
+from batch_export.ratelimit import MIN_RATE, RateLimiter
+from tests.fakes import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_burst_one_spacing() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(4.0, clock=clock)
+    times = []
+    for _ in range(5):
+        await limiter.acquire()
+        times.append(clock.now)
+    assert [round(t - times[0], 6) for t in times] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+async def test_fifo_order_between_waiters() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(2.0, clock=clock)
+    order: list[int] = []
+
+    async def worker(n: int) -> None:
+        await limiter.acquire()
+        order.append(n)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(6):
+            tg.start_soon(worker, n)
+            await anyio.lowlevel.checkpoint()
+    assert order == [0, 1, 2, 3, 4, 5]
+
+
+async def test_retry_after_pauses_everyone_and_halves_once() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(10.0, clock=clock)
+    await limiter.acquire()
+    limiter.throttled(3.0)
+    limiter.throttled(3.0)  # same pause: no second halving
+    assert limiter.stats.rate == 5.0
+    t0 = clock.now
+    await limiter.acquire()
+    assert clock.now - t0 == pytest.approx(3.0)
+    # A 429 in a new pause halves again, never below the floor.
+    for _ in range(20):
+        clock.now += 1000
+        limiter.throttled(0)
+    assert limiter.stats.rate == MIN_RATE
+    assert limiter.stats.throttled == 22
+
+
+async def test_retry_after_clamped_and_garbage_uses_own_pause() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(1.0, clock=clock)
+    limiter.throttled(10_000.0)
+    assert limiter.stats.paused_for == 900.0
+    clock.now += 901
+    limiter2 = RateLimiter(1.0, clock=clock)
+    limiter2.throttled(None)
+    assert limiter2.stats.paused_for == pytest.approx(2.0)  # one slot at the halved rate
+
+
+async def test_rate_climbs_back_when_calm() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(8.0, clock=clock)
+    limiter.throttled(1.0)
+    assert limiter.stats.rate == 4.0
+    clock.now += 2
+    await limiter.acquire()
+    assert limiter.stats.rate == 4.0  # not calm long enough yet
+    for _ in range(200):
+        await limiter.acquire()
+    assert limiter.stats.rate == 8.0

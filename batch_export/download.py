@@ -132,6 +132,13 @@ class _PartSink:
         self._file.close()
 
 
+@dataclass(slots=True)
+class _SinkHolder:
+    """The open ``.part`` of one transfer, kept across its attempts (closed at the end)."""
+
+    sink: _PartSink | None = None
+
+
 class Downloader:
     """Streams signed URLs into ``.part`` files, with retries and Range resume.
 
@@ -203,13 +210,15 @@ class Downloader:
             LocalIOError: the disk failed us.
         """
         state = Transfer(etag=etag)
-        sink: _PartSink | None = None
+        holder = _SinkHolder()
         failures = 0
         try:
             while True:
-                offset = await self._resume_offset(part, state, sink)
+                offset = await self._resume_offset(part, state, holder.sink)
                 try:
-                    sink = await self._attempt(url, part, state, sink, offset, on_attempt, on_bytes)
+                    sink = await self._attempt(
+                        url, part, state, holder, offset, on_attempt, on_bytes
+                    )
                     state.sha256, state.md5 = await _local(sink.finish)
                     state.size = sink.size
                     return state
@@ -243,8 +252,8 @@ class Downloader:
                     exc.job_key = job_key
                     raise
         finally:
-            if sink is not None:
-                await anyio.to_thread.run_sync(sink.close)
+            if holder.sink is not None:
+                await anyio.to_thread.run_sync(holder.sink.close)
 
     async def _resume_offset(self, part: Path, state: Transfer, sink: _PartSink | None) -> int:
         if state.etag is None:
@@ -262,7 +271,7 @@ class Downloader:
         url: str,
         part: Path,
         state: Transfer,
-        sink: _PartSink | None,
+        holder: _SinkHolder,
         offset: int,
         on_attempt: Callable[[int, str | None], Awaitable[None]],
         on_bytes: Callable[[int], None],
@@ -276,10 +285,11 @@ class Downloader:
         try:
             async with self._get(url, headers) as resp:
                 start = await self._accept(resp, state, offset)
-                if sink is None:
-                    sink = await _local(_PartSink, part, start)
-                elif sink.size != start:
-                    await _local(sink.reset)
+                if holder.sink is None:
+                    holder.sink = await _local(_PartSink, part, start)
+                elif holder.sink.size != start:
+                    await _local(holder.sink.reset)
+                sink = holder.sink
                 await on_attempt(start, state.etag)
                 await self._stream(resp, sink, on_bytes)
                 if state.expected_size is not None and sink.size != state.expected_size:
@@ -362,16 +372,20 @@ class Downloader:
         self, resp: aiohttp.ClientResponse, sink: _PartSink, on_bytes: Callable[[int], None]
     ) -> None:
         buffer = bytearray()
-        async for chunk in resp.content.iter_any():
-            buffer += chunk
-            if len(buffer) >= PIECE_SIZE:
-                data = bytes(buffer)
-                buffer.clear()
-                await _local(sink.write, data)
-                on_bytes(len(data))
-        if buffer:
-            await _local(sink.write, bytes(buffer))
-            on_bytes(len(buffer))
+        try:
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                if len(buffer) >= PIECE_SIZE:
+                    data = bytes(buffer)
+                    buffer.clear()
+                    await _local(sink.write, data)
+                    on_bytes(len(data))
+        finally:
+            # Also on a broken connection: the bytes received so far are sound (same ETag,
+            # checked offset) and a resume continues after them.
+            if buffer:
+                await _local(sink.write, bytes(buffer))
+                on_bytes(len(buffer))
 
 
 class _RedirectingGet:

@@ -408,9 +408,8 @@ class Runner:
             return is_url_expired(expiry, server_now=server_now)
 
         if expired() and self._refresh_allowed(job):
-            await self._set(job, JobState.REQUESTING)
             self._refreshes[job.key] = self._refreshes.get(job.key, 0) + 1
-            return False
+            return False  # ready -> requesting, done by the next request cycle
         part = part_path(job.final)
         if job.record.state is not JobState.DOWNLOADING:
             await self._set(job, JobState.DOWNLOADING)
@@ -440,8 +439,7 @@ class Runner:
                 "job %s: %s; fetching a fresh signed URL", job.key[:12], self._redact(exc.message)
             )
             self._refreshes[job.key] = self._refreshes.get(job.key, 0) + 1
-            await self._set(job, JobState.REQUESTING)
-            return False
+            return False  # downloading -> requesting, done by the next request cycle
         except LocalIOError:
             self._stop_downloads = True
             await anyio.to_thread.run_sync(discard_part, part)

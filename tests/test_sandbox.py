@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
 import zipfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import pytest
+from click.testing import CliRunner
 from multidict import CIMultiDict
 from yarl import URL
 
-from batch_export.sandbox import DEMO_KEY, Catalog, Sandbox, SandboxConfig
+from batch_export.sandbox import (
+    DEMO_KEY,
+    ApiContext,
+    Catalog,
+    FaultHook,
+    Sandbox,
+    SandboxConfig,
+    Selection,
+)
+from batch_export.sandbox.cli import sandbox_command
 
 pytestmark = pytest.mark.anyio
 
@@ -498,6 +516,9 @@ async def test_recording_per_origin(
         b'"], "outputs": ["' + b'", "'.join(o.encode() for o in INSIGHT.outputs) + b'"]}'
     )
     assert [r.at for r in api] == [T0, T0, T0]
+    assert json.loads(api[0].response_body)["error"]["code"] == "invalid_api_key"
+    assert json.loads(api[2].response_body)["signed_url"] == url
+    assert storage[0].response_body == b""
     assert len(storage) == 1
     assert storage[0].header("Authorization") is None
     assert storage[0].header("X-Probe") == "yes"
@@ -548,3 +569,198 @@ async def test_ports_differ_and_temp_cache_removed(
 async def test_refuses_non_loopback_host(make_config: Callable[..., SandboxConfig]) -> None:
     with pytest.raises(ValueError, match="loopback"):
         await Sandbox(make_config()).start(host="0.0.0.0")
+
+
+async def test_authorization_header_on_storage_is_refused(
+    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig]
+) -> None:
+    async with Sandbox(make_config()) as sandbox:
+        url = await ready_url(session, sandbox)
+        status, headers, body = await get(session, url, {"Authorization": DEMO_KEY})
+    assert status == 400
+    assert headers["Content-Type"].startswith("application/xml")
+    assert b"<Code>InvalidArgument</Code>" in body
+    assert sandbox.requests_to("storage")[0].header("Authorization") == DEMO_KEY
+
+
+async def test_resume_after_cut_with_range(
+    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig]
+) -> None:
+    async with Sandbox(make_config(cut_after_bytes=700, cut_times=2)) as sandbox:
+        url = await ready_url(session, sandbox)
+        received = bytearray()
+        etag = ""
+        for _ in range(2):
+            headers = {"Range": f"bytes={len(received)}-", "If-Range": etag} if etag else {}
+            async with session.get(URL(url, encoded=True), headers=headers) as response:
+                etag = response.headers["ETag"]
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async for piece in response.content.iter_any():
+                        received.extend(piece)
+        assert len(received) == 1400
+        status, headers, rest = await get(
+            session, url, {"Range": f"bytes={len(received)}-", "If-Range": etag}
+        )
+        expected = sandbox.package_bytes_sha256(AOI.id, INSIGHT.id, INSIGHT.inputs, INSIGHT.outputs)
+    assert status == 206
+    assert headers["Content-Range"].startswith("bytes 1400-")
+    data = bytes(received) + rest
+    assert hashlib.sha256(data).hexdigest() == expected
+    assert zipfile.ZipFile(io.BytesIO(data)).testzip() is None
+    assert [r.status for r in sandbox.requests_to("storage")] == [200, 206, 206]
+
+
+async def test_client_going_away_mid_body_does_not_hurt(
+    make_config: Callable[..., SandboxConfig],
+) -> None:
+    async with Sandbox(make_config(asset_size=3 * 1024 * 1024)) as sandbox:
+        async with aiohttp.ClientSession() as session:
+            url = await ready_url(session, sandbox)
+            async with session.get(URL(url, encoded=True)) as response:
+                await response.content.readexactly(1024)
+                response.close()
+        async with aiohttp.ClientSession() as session:
+            status, _, data = await get(session, url)
+    assert status == 200
+    assert zipfile.ZipFile(io.BytesIO(data)).testzip() is None
+
+
+async def test_hundreds_of_concurrent_connections(
+    make_config: Callable[..., SandboxConfig],
+) -> None:
+    import anyio
+
+    count = 300
+    async with Sandbox(make_config(ready_after_puts=1)) as sandbox:
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            url = await ready_url(session, sandbox)
+            statuses: list[int] = []
+            digests: set[str] = set()
+
+            async def one() -> None:
+                status, _, answer = await put(session, sandbox)
+                statuses.append(status)
+                status, _, data = await get(session, str(answer["signed_url"]))
+                statuses.append(status)
+                digests.add(hashlib.sha256(data).hexdigest())
+
+            async with anyio.create_task_group() as group:
+                for _ in range(count):
+                    group.start_soon(one)
+    assert statuses.count(200) == 2 * count
+    assert len(digests) == 1
+    assert url.startswith(sandbox.storage_url)
+
+
+async def test_access_log_redacts_queries(
+    session: aiohttp.ClientSession,
+    make_config: Callable[..., SandboxConfig],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="batch_export.sandbox.access")
+    async with Sandbox(make_config()) as sandbox:
+        url = await ready_url(session, sandbox)
+        await get(session, url)
+        await get(session, url.replace("%2F", "/"))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("batch_export.sandbox")]
+    storage_lines = [line for line in lines if "/packages/" in line]
+    assert len(storage_lines) == 2
+    assert all("?<redacted>" in line for line in storage_lines)
+    assert not any("X-Amz" in line or "aws4_request" in line for line in lines)
+    assert not any(DEMO_KEY in line for line in lines)
+
+
+class FirstPutUnavailable(FaultHook):
+    def __init__(self) -> None:
+        self.seen: list[ApiContext] = []
+
+    def api_response(self, ctx: ApiContext) -> aiohttp.web.StreamResponse | None:
+        self.seen.append(ctx)
+        if ctx.number == 1:
+            return aiohttp.web.json_response({"error": "busy"}, status=503)
+        return None
+
+    def url_lifetime(self, selection: Selection, lifetime: float) -> float:
+        return 5.0
+
+
+async def test_fault_hooks_extend(
+    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig]
+) -> None:
+    hook = FirstPutUnavailable()
+    async with Sandbox(make_config()) as sandbox:
+        sandbox.faults.add(hook)
+        statuses = [(await put(session, sandbox))[0] for _ in range(3)]
+        url = await ready_url(session, sandbox)
+    assert statuses == [503, 200, 200]
+    assert [ctx.number for ctx in hook.seen] == [1, 2, 3, 4]
+    assert hook.seen[0].key == DEMO_KEY and hook.seen[0].insight_id == INSIGHT.id
+    assert "X-Amz-Expires=5&" in url
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port >= 65535:
+            continue
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free pair of ports")
+
+
+def test_cli_serves_until_sigterm() -> None:
+    port = _free_port_pair()
+    code = "from batch_export.sandbox.cli import sandbox_command; sandbox_command()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "--port", str(port), "--key", "k1", "--key", "k2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("Serving until"):
+                break
+        output = "".join(lines)
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                f"http://127.0.0.1:{port}/v0/aoi/{AOI.id}/insights/{INSIGHT.id}/download",
+                data=json.dumps(selection_body()).encode(),
+                method="PUT",
+                headers={"Authorization": "k2", "Content-Type": "application/json"},
+            )
+        ) as response:
+            assert json.load(response)["status"] == "pending"
+        process.send_signal(signal.SIGTERM)
+        rest, errors = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert f"API URL:     http://127.0.0.1:{port}\n" in output
+    assert f"storage URL: http://127.0.0.1:{port + 1}\n" in output
+    assert "API key:     k1\n" in output and "API key:     k2\n" in output
+    assert AOI.id in output and INSIGHT.inputs[0] in output
+    assert "sandbox stopped" in rest
+    assert '"PUT /v0/aoi/' in errors
+
+
+def test_cli_usage_errors() -> None:
+    runner = CliRunner()
+    assert runner.invoke(sandbox_command, ["--help"]).exit_code == 0
+    result = runner.invoke(sandbox_command, ["--host", "0.0.0.0", "--port", "0"])
+    assert result.exit_code == 2
+    assert "loopback" in result.output
+    result = runner.invoke(sandbox_command, ["--port", "9000", "--storage-port", "9000"])
+    assert result.exit_code == 2

@@ -81,8 +81,10 @@ class RecordedRequest:
         query: Raw query string exactly as received (no ``?``).
         headers: Every header as received, in order.
         body: Request body (bytes).
-        status: HTTP status sent (0 if none could be sent).
+        status: HTTP status sent (0 while the request is still being answered).
         at: ``config.clock()`` when the request arrived (seconds since the epoch).
+        response_body: Body of the answer when it was not streamed (JSON and XML answers; empty
+            for package bytes).
     """
 
     origin: str
@@ -93,6 +95,7 @@ class RecordedRequest:
     body: bytes
     status: int
     at: float
+    response_body: bytes = b""
 
     def header(self, name: str) -> str | None:
         """Return the first value of header ``name`` (case-insensitive), or ``None``."""

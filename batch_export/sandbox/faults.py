@@ -9,7 +9,8 @@ Hook points:
 
 * API, after the key and the rate limit passed: :meth:`FaultHook.api_response` may answer instead
   (5xx, 429, HTML page …).
-* API, permission: :meth:`FaultHook.denies`; package outcome: :meth:`FaultHook.fails`.
+* API, permission: :meth:`FaultHook.denies`; package outcome: :meth:`FaultHook.fails`; signed URL
+  lifetime: :meth:`FaultHook.url_lifetime` (``config.url_lifetime`` is the starting value).
 * Package content: :meth:`FaultHook.corrupts`.
 * Storage, after the signature was accepted: :meth:`FaultHook.storage_response` may answer instead;
   :meth:`FaultHook.storage_plan` adjusts how the body is sent (:class:`StoragePlan`).
@@ -95,6 +96,10 @@ class FaultHook:
         """Return ``True`` to serve this package with one flipped byte inside a member's data."""
         return False
 
+    def url_lifetime(self, selection: Selection, lifetime: float) -> float:
+        """Return the lifetime (seconds) of the signed URL about to be issued for ``selection``."""
+        return lifetime
+
     def storage_response(self, ctx: StorageContext) -> web.StreamResponse | None:
         """Return a response to send instead of the package, or ``None``."""
         return None
@@ -169,6 +174,12 @@ class Faults:
     def corrupts(self, selection: Selection) -> bool:
         """Whether any hook corrupts this package."""
         return any(hook.corrupts(selection) for hook in self.hooks)
+
+    def url_lifetime(self, selection: Selection, lifetime: float) -> float:
+        """``lifetime`` (seconds, from the config) as adjusted by each hook in turn."""
+        for hook in self.hooks:
+            lifetime = hook.url_lifetime(selection, lifetime)
+        return lifetime
 
     def storage_response(self, ctx: StorageContext) -> web.StreamResponse | None:
         """First non-``None`` answer of the hooks."""

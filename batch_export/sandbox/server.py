@@ -11,7 +11,8 @@ Asset ids are checked only against an insight the key may see, so a 400 never re
 AOI holds. Storage origin::
 
     GET /packages/{package_id}.zip?X-Amz-...&X-Amz-Signature=<hex>
-    403 XML SignatureDoesNotMatch | 403 XML AccessDenied "Request has expired" | 200/206/416 zip bytes
+    400 XML InvalidArgument (an Authorization header as well) | 403 XML SignatureDoesNotMatch
+    | 403 XML AccessDenied "Request has expired" | 200/206/416 zip bytes
     HEAD -> 403 (a presigned GET URL is not valid for HEAD)
 
 Every request to either origin, rejected ones included, is appended to :attr:`Sandbox.requests`.
@@ -21,13 +22,13 @@ Access logs never contain query strings.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import ipaddress
 import json
 import logging
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -35,7 +36,7 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from batch_export.sandbox.catalog import Catalog
 from batch_export.sandbox.config import RecordedRequest, SandboxConfig
@@ -67,7 +68,7 @@ access_logger = logging.getLogger("batch_export.sandbox.access")
 class RedactingAccessLogger(AbstractAccessLogger):
     """Access log line per request with the query string replaced by ``?<redacted>``.
 
-    Line: ``<remote> "<METHOD> <raw path>[?<redacted>]" <status> <body bytes> <seconds>s``.
+    Line: ``<remote> "<METHOD> <raw path>[?<redacted>]" <status> <bytes sent> <seconds>s``.
     """
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
@@ -101,6 +102,12 @@ def _xml_error(status: int, code: str, message: str, **extra: str) -> web.Respon
 
 def _http_date(moment: float) -> str:
     return email.utils.formatdate(moment, usegmt=True)
+
+
+def _consume_exception(task: asyncio.Task[BuiltPackage]) -> None:
+    """Mark a background build's failure as seen; whoever awaits the task gets it again."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _Unsatisfiable(Exception):
@@ -138,14 +145,14 @@ def _byte_range(header: str, total: int) -> tuple[int, int] | None:
     return first, min(last, total - 1)
 
 
-@dataclass(slots=True)
+@dataclasses.dataclass(slots=True)
 class _PackageState:
     first_put: float
     puts: int = 0
     ready_at: float | None = None
 
 
-@dataclass(slots=True)
+@dataclasses.dataclass(slots=True)
 class _Bucket:
     tokens: float
     updated: float
@@ -164,7 +171,8 @@ class Sandbox:
         config: The configuration in force.
         catalog: AOIs, insights and asset ids, generated from ``config.seed``.
         faults: Fault hooks in force (:class:`~batch_export.sandbox.faults.Faults`).
-        requests: Every request received by either origin, in order of completion.
+        requests: Every request received by either origin, in order of arrival; an entry has
+            status 0 until its answer is sent. Tests may clear it between phases.
         api_url: API origin, e.g. ``http://127.0.0.1:41234`` (no trailing slash); set by :meth:`start`.
         storage_url: Storage origin (a different port); set by :meth:`start`.
     """
@@ -209,9 +217,7 @@ class Sandbox:
             raise ValueError(f"the sandbox serves on loopback only, not {host!r}")
         if self._runners:
             raise RuntimeError("sandbox already started")
-        if self._cache_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="batch-export-sandbox-")
-            self._cache_dir = Path(self._tmp.name)
+        self._directory()
         try:
             self.api_url = await self._serve(self._api_app(), "api", host, api_port)
             self.storage_url = await self._serve(self._storage_app(), "storage", host, storage_port)
@@ -308,7 +314,8 @@ class Sandbox:
             self._built[name] = built
         return built
 
-    async def _ensure_built(self, selection: Selection) -> BuiltPackage:
+    def _start_build(self, selection: Selection) -> BuiltPackage | asyncio.Task[BuiltPackage]:
+        """Return the built package, or the (possibly just started) task building it."""
         name, corrupt = self._variant(selection)
         built = self._built.get(name)
         if built is not None:
@@ -316,8 +323,15 @@ class Sandbox:
         task = self._building.get(name)
         if task is None:
             task = asyncio.ensure_future(self._build(name, selection, corrupt))
+            task.add_done_callback(_consume_exception)
             self._building[name] = task
-        return await asyncio.shield(task)
+        return task
+
+    async def _ensure_built(self, selection: Selection) -> BuiltPackage:
+        started = self._start_build(selection)
+        if isinstance(started, BuiltPackage):
+            return started
+        return await asyncio.shield(started)
 
     async def _build(self, name: str, selection: Selection, corrupt: bool) -> BuiltPackage:
         try:
@@ -337,14 +351,28 @@ class Sandbox:
 
     # -- shared plumbing -----------------------------------------------------------------------
 
-    def _recorder(self, origin: str) -> Any:
+    def _recorder(self, origin: str) -> Middleware:
         sandbox = self
 
         @web.middleware
         async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
             at = sandbox.config.clock()
-            body = b""
+            path, _, query = request.raw_path.partition("?")
+            entry = RecordedRequest(
+                origin=origin,
+                method=request.method,
+                path=path,
+                query=query,
+                headers=tuple(
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers
+                ),
+                body=b"",
+                status=0,
+                at=at,
+            )
+            sandbox.requests.append(entry)  # in order of arrival; status 0 until answered
             response: web.StreamResponse | None = None
+            body = b""
             try:
                 body = await request.read()
                 response = await handler(request)
@@ -352,25 +380,24 @@ class Sandbox:
                 response = sandbox._http_error(origin, exc)
             finally:
                 status = request.get(_STATUS) or (response.status if response is not None else 500)
-                path, _, query = request.raw_path.partition("?")
-                sandbox.requests.append(
-                    RecordedRequest(
-                        origin=origin,
-                        method=request.method,
-                        path=path,
-                        query=query,
-                        headers=tuple(
-                            (k.decode("latin-1"), v.decode("latin-1"))
-                            for k, v in request.raw_headers
-                        ),
-                        body=body,
-                        status=status,
-                        at=at,
-                    )
+                answer = response.body if isinstance(response, web.Response) else None
+                final = dataclasses.replace(
+                    entry,
+                    body=body,
+                    status=status,
+                    response_body=answer if isinstance(answer, bytes) else b"",
                 )
+                sandbox._replace_record(entry, final)
             return response
 
         return record
+
+    def _replace_record(self, old: RecordedRequest, new: RecordedRequest) -> None:
+        for index in range(len(self.requests) - 1, -1, -1):
+            if self.requests[index] is old:
+                self.requests[index] = new
+                return
+        self.requests.append(new)  # the list was cleared meanwhile
 
     def _http_error(self, origin: str, exc: web.HTTPException) -> web.StreamResponse:
         code = {404: "NoSuchKey", 405: "MethodNotAllowed"}.get(exc.status, "InvalidRequest")
@@ -522,6 +549,8 @@ class Sandbox:
         state = self._packages.get(selection)
         if state is None:
             state = self._packages[selection] = _PackageState(first_put=now)
+            if not self.faults.fails(selection):
+                self._start_build(selection)  # prepare while the client polls; ready awaits it
         state.puts += 1
         first, later, ready, failed = self._status_words()
         if state.ready_at is None and (
@@ -542,7 +571,7 @@ class Sandbox:
                 self.storage_url,
                 f"/packages/{package_id}.zip",
                 now=config.clock(),
-                lifetime=config.url_lifetime,
+                lifetime=self.faults.url_lifetime(selection, config.url_lifetime),
             )
             status = ready
         return web.json_response(
@@ -564,6 +593,14 @@ class Sandbox:
     async def _get(self, request: web.Request) -> web.StreamResponse:
         now = self.config.clock()
         raw_path, _, raw_query = request.raw_path.partition("?")
+        if "Authorization" in request.headers:  # as S3 does for a presigned URL plus a header
+            return _xml_error(
+                400,
+                "InvalidArgument",
+                "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
+                "Signature query string parameter or the Authorization header should be specified",
+                ArgumentName="Authorization",
+            )
         check = self._signer.verify(raw_path, raw_query, now=now)
         if check.verdict is Verdict.BAD_SIGNATURE:
             return _xml_error(

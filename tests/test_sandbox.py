@@ -566,9 +566,25 @@ async def test_ports_differ_and_temp_cache_removed(
     assert not cache.exists()
 
 
-async def test_refuses_non_loopback_host(make_config: Callable[..., SandboxConfig]) -> None:
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "example.com", ""])
+async def test_refuses_non_loopback_host(
+    make_config: Callable[..., SandboxConfig], host: str
+) -> None:
     with pytest.raises(ValueError, match="loopback"):
-        await Sandbox(make_config()).start(host="0.0.0.0")
+        await Sandbox(make_config()).start(host=host)
+
+
+async def test_localhost_means_ipv4_loopback(make_config: Callable[..., SandboxConfig]) -> None:
+    async with Sandbox(make_config()) as sandbox:
+        pass
+    other = Sandbox(make_config())
+    await other.start(host="localhost")
+    try:
+        assert other.api_url.startswith("http://127.0.0.1:")
+        assert other.storage_url.startswith("http://127.0.0.1:")
+    finally:
+        await other.close()
+    assert sandbox.api_url.startswith("http://127.0.0.1:")
 
 
 async def test_authorization_header_on_storage_is_refused(
@@ -764,3 +780,34 @@ def test_cli_usage_errors() -> None:
     assert "loopback" in result.output
     result = runner.invoke(sandbox_command, ["--port", "9000", "--storage-port", "9000"])
     assert result.exit_code == 2
+
+
+def test_sandbox_imports_nothing_from_the_client_side() -> None:
+    import ast
+
+    import batch_export.sandbox as package
+
+    allowed_roots = {"aiohttp", "click", "batch_export", *sys.stdlib_module_names}
+    for source in Path(package.__file__).parent.glob("*.py"):
+        tree = ast.parse(source.read_text(), str(source))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed_roots, (source.name, name)
+                if name.startswith("batch_export"):
+                    assert name.startswith("batch_export.sandbox"), (source.name, name)
+
+
+def test_public_names() -> None:
+    import batch_export.sandbox as package
+
+    assert sorted(package.__all__) == sorted(
+        name for name in vars(package) if not name.startswith("_") and name[0].isupper()
+    )
+    for name in package.__all__:
+        assert getattr(package, name) is not None

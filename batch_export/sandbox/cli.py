@@ -11,7 +11,7 @@ import sys
 import click
 
 from batch_export.sandbox.config import DEMO_KEY, VOCABULARIES, SandboxConfig
-from batch_export.sandbox.server import Sandbox, access_logger
+from batch_export.sandbox.server import Sandbox, access_logger, loopback_host
 
 __all__ = ["sandbox_command"]
 
@@ -49,7 +49,12 @@ async def _serve(
 
 
 @click.command(name="sandbox")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to bind.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Loopback address to bind (127.0.0.0/8, ::1 or localhost).",
+)
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
@@ -154,6 +159,10 @@ def sandbox_command(
     serving the packages at S3-style presigned URLs on another port. Point a manifest's api.url at
     the printed API URL and export PIXXEL_API_KEY with the printed key.
     """
+    try:
+        host = loopback_host(host)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--host'") from exc
     if storage_port is None:
         storage_port = port + 1 if 0 < port < 65535 else 0
     if storage_port and storage_port == port:
@@ -180,7 +189,5 @@ def sandbox_command(
         access_logger.propagate = False
     try:
         asyncio.run(_serve(config, host, port, storage_port, show_catalog))
-    except ValueError as exc:  # not a loopback host
-        raise click.UsageError(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {host}: {exc.strerror or exc}") from exc

@@ -55,7 +55,7 @@ from batch_export.sandbox.packages import (
 )
 from batch_export.sandbox.signing import UrlSigner, Verdict
 
-__all__ = ["RedactingAccessLogger", "Sandbox"]
+__all__ = ["RedactingAccessLogger", "Sandbox", "loopback_host"]
 
 API_PATH = "/v0/aoi/{aoi_id}/insights/{insight_id}/download"
 _MAX_PARALLEL_BUILDS = 4
@@ -84,6 +84,23 @@ class RedactingAccessLogger(AbstractAccessLogger):
             response.body_length,
             time,
         )
+
+
+def loopback_host(host: str) -> str:
+    """Return ``host`` as a loopback IP address (``localhost`` → ``127.0.0.1``).
+
+    Raises:
+        ValueError: ``host`` is not a loopback IP address or ``localhost``.
+    """
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"the sandbox serves on loopback only, not {host!r}")
+    return host
 
 
 def _envelope(status: int, code: str, message: str, details: Any = None) -> web.Response:
@@ -177,7 +194,9 @@ class Sandbox:
         storage_url: Storage origin (a different port); set by :meth:`start`.
     """
 
-    def __init__(self, config: SandboxConfig | None = None, *, cache_dir: Path | None = None):
+    def __init__(
+        self, config: SandboxConfig | None = None, *, cache_dir: Path | None = None
+    ) -> None:
         self.config = config if config is not None else SandboxConfig()
         self.catalog = Catalog.generate(self.config.seed)
         self.faults = Faults([ConfigFaults(lambda: self.config)])
@@ -205,7 +224,7 @@ class Sandbox:
         """Start both origins on ``host`` (loopback only).
 
         Args:
-            host: Loopback address or ``localhost``.
+            host: Loopback address; ``localhost`` means ``127.0.0.1``.
             api_port: API port; 0 picks a free one.
             storage_port: Storage port; 0 picks a free one.
 
@@ -213,8 +232,7 @@ class Sandbox:
             ValueError: ``host`` is not a loopback address.
             OSError: A port could not be bound.
         """
-        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(f"the sandbox serves on loopback only, not {host!r}")
+        host = loopback_host(host)
         if self._runners:
             raise RuntimeError("sandbox already started")
         self._directory()
@@ -555,7 +573,7 @@ class Sandbox:
         first, later, ready, failed = self._status_words()
         if state.ready_at is None and (
             state.puts >= config.ready_after_puts
-            and now - state.first_put >= config.prepare_seconds
+            and now - state.first_put >= config.prepare_seconds - _EPSILON
         ):
             state.ready_at = now
         signed_url = ""

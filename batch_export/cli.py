@@ -6,6 +6,7 @@ Exit codes (SPEC §2): 0 all done; 1 some job failed; 2 usage or manifest error 
 
 from __future__ import annotations
 
+import logging
 import sys
 from importlib import resources
 from pathlib import Path
@@ -176,6 +177,9 @@ def demo(out: Path, progress: bool | None) -> None:
     with resources.as_file(source) as manifest_path:
         loaded = _load(manifest_path)
     config = SandboxConfig(prepare_seconds=1.0, asset_size=512 * 1024)
+    logging.getLogger("batch_export.sandbox").setLevel(
+        logging.WARNING
+    )  # its access log is noise here
     with start_blocking_portal(backend="asyncio") as portal:
         sandbox = Sandbox(config)
         portal.call(sandbox.start)

@@ -13,7 +13,7 @@ import pytest
 
 from batch_export.lifecycle import JobState
 from batch_export.manifest import ExportSpec
-from batch_export.runner import Job, JobResult, Outcome, RunResult, Runner, Settings
+from batch_export.runner import Job, JobResult, Outcome, Runner, RunResult, Settings
 from batch_export.sandbox import Sandbox, SandboxConfig
 from batch_export.store import MemoryStore
 

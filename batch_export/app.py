@@ -17,9 +17,9 @@ from pathlib import Path
 import anyio
 
 from batch_export.errors import BatchExportError, UsageError
-from batch_export.lifecycle import StatusVocabulary, job_key
+from batch_export.lifecycle import StatusVocabulary, job_key, shard_of
 from batch_export.lock import StateLock
-from batch_export.manifest import Manifest
+from batch_export.manifest import ExportSpec, Manifest
 from batch_export.redact import Redactor
 from batch_export.report import (
     ConsoleObserver,
@@ -63,6 +63,8 @@ class RunOptions:
     progress: bool | None = None
     verbosity: int = 0
     allow_http: bool = False
+    max_runtime: float | None = None  # seconds
+    shard: tuple[int, int] | None = None  # (K, N): only jobs with int(key[:16], 16) % N == K
     api_key: str | None = None  # given directly (demo); otherwise from the environment
 
 
@@ -164,16 +166,29 @@ def _read_key_file(path: Path) -> str:
         raise UsageError(f"cannot read the API key file {path}: {reason}") from None
 
 
-def plan_lines(manifest: Manifest, settings: Settings | None) -> list[str]:
+def select_shard(
+    specs: tuple[ExportSpec, ...], shard: tuple[int, int] | None
+) -> tuple[ExportSpec, ...]:
+    """Return the specs of shard ``K`` of ``N`` (all when ``shard`` is None), manifest order kept."""
+    if shard is None:
+        return specs
+    index, count = shard
+    return tuple(spec for spec in specs if shard_of(job_key(spec), count) == index)
+
+
+def plan_lines(
+    manifest: Manifest, settings: Settings | None, specs: tuple[ExportSpec, ...] | None = None
+) -> list[str]:
     """Return the plan as text lines: one per job, then totals and the rate-limit estimate."""
     lines = []
-    for spec in manifest.exports:
+    specs = manifest.exports if specs is None else specs
+    for spec in specs:
         dest = settings.out_dir / spec.relpath if settings else Path(spec.relpath)
         lines.append(
             f"{job_key(spec)[:12]}  PUT /v0/aoi/{spec.aoi_id}/insights/{spec.insight_id}/download"
             f"  inputs={list(spec.inputs)} outputs={list(spec.outputs)}  -> {dest}"
         )
-    jobs = len(manifest.exports)
+    jobs = len(specs)
     rate = settings.rate if settings else manifest.limits.rate or 2.0
     lines.append(
         f"{jobs} job(s); at least {jobs} API request(s), {2 * jobs} when the first answer is "
@@ -191,7 +206,9 @@ def execute_run(manifest: Manifest, options: RunOptions) -> int:
     try:
         settings = resolve_settings(manifest, options)
         if options.dry_run:
-            for line in plan_lines(manifest, settings):
+            for line in plan_lines(
+                manifest, settings, select_shard(manifest.exports, options.shard)
+            ):
                 print(line)
             return 0
         api_key = options.api_key or resolve_api_key(manifest)
@@ -202,6 +219,9 @@ def execute_run(manifest: Manifest, options: RunOptions) -> int:
     try:
         with StateLock(settings.state_dir):
             return _run_locked(manifest, settings, options, api_key, redactor)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
+        print("batch-export: interrupted", file=sys.stderr)
+        return 130
     except BatchExportError as exc:
         print(f"batch-export: {redactor(exc.message)}", file=sys.stderr)
         return 75 if exc.code == "locked" else 2
@@ -213,17 +233,18 @@ def _run_locked(
     run_id = new_run_id()
     started_at = time.time()
     progress = options.progress if options.progress is not None else sys.stderr.isatty()
-    observer = ConsoleObserver(
-        total=len(manifest.exports), progress=progress and options.verbosity >= 0
-    )
+    specs = select_shard(manifest.exports, options.shard)
+    observer = ConsoleObserver(total=len(specs), progress=progress and options.verbosity >= 0)
     store = MemoryStore()
     runner = Runner(
         settings,
-        manifest.exports,
+        specs,
         api_key=api_key,
         store=store,
         observer=observer,
         redactor=redactor,
+        max_runtime=options.max_runtime,
+        handle_signals=True,
     )
 
     async def main() -> RunResult:

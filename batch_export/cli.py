@@ -18,6 +18,7 @@ from batch_export.app import RunOptions, execute_run, plan_lines
 from batch_export.errors import ManifestError
 from batch_export.manifest import Manifest, load_manifest
 from batch_export.sandbox.cli import sandbox_command
+from batch_export.units import parse_duration
 
 __all__ = ["main"]
 
@@ -33,6 +34,24 @@ def main() -> None:
     Exit codes: 0 every job done; 1 some job failed (see the report); 2 usage or
     manifest error, nothing requested; 75 another run holds the lock on the state dir.
     """
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    index, sep, count = value.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise click.BadParameter("expected K/N with 0 <= K < N, e.g. 0/4")
+    return int(index), int(count)
 
 
 def _load(path: Path) -> Manifest:
@@ -82,6 +101,18 @@ def _load(path: Path) -> Manifest:
     metavar="R",
     help="API requests per second, all jobs together, polls included [default 2].",
 )
+@click.option(
+    "--max-runtime",
+    callback=_duration,
+    metavar="DURATION",
+    help="Stop taking new work at this age (90s, 15m, 2h, 1h30m), checkpoint, exit 3.",
+)
+@click.option(
+    "--shard",
+    callback=_shard,
+    metavar="K/N",
+    help="Only the jobs whose key hashes to shard K of N (0-based); give each shard its own state dir.",
+)
 @click.option("--force", is_flag=True, help="Redo jobs already done.")
 @click.option("--dry-run", is_flag=True, help="Print what would be requested; send nothing.")
 @click.option(
@@ -114,6 +145,8 @@ def run(
     in_flight: int | None,
     downloads: int | None,
     rate: float | None,
+    max_runtime: float | None,
+    shard: tuple[int, int] | None,
     force: bool,
     dry_run: bool,
     report: Path | None,
@@ -137,6 +170,8 @@ def run(
         in_flight=in_flight,
         downloads=downloads,
         rate=rate,
+        max_runtime=max_runtime,
+        shard=shard,
         force=force,
         dry_run=dry_run,
         report=report,

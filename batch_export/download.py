@@ -253,7 +253,8 @@ class Downloader:
                     raise
         finally:
             if holder.sink is not None:
-                await anyio.to_thread.run_sync(holder.sink.close)
+                with anyio.CancelScope(shield=True):  # flush what we have for a later resume
+                    await anyio.to_thread.run_sync(holder.sink.close)
 
     async def _resume_offset(self, part: Path, state: Transfer, sink: _PartSink | None) -> int:
         if state.etag is None:
@@ -384,7 +385,8 @@ class Downloader:
             # Also on a broken connection: the bytes received so far are sound (same ETag,
             # checked offset) and a resume continues after them.
             if buffer:
-                await _local(sink.write, bytes(buffer))
+                with anyio.CancelScope(shield=True):  # also when a stop cancels us
+                    await _local(sink.write, bytes(buffer))
                 on_bytes(len(buffer))
 
 

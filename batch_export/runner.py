@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import random
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +154,7 @@ class RunResult:
     storage_requests: int
     throttled: int
     wall_seconds: float
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max_runtime" or None
 
     def count(self, outcome: Outcome) -> int:
         """Number of jobs with ``outcome``."""
@@ -159,7 +162,15 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """0 when every job is downloaded or skipped, else 1 (SPEC §2)."""
+        """The exit code (SPEC §2): 130/143 on a signal, 3 when stopped by the time budget with
+        jobs left, 1 when a job failed (or was left pending), 0 when every job is done."""
+        pending = any(job.outcome is Outcome.PENDING for job in self.jobs)
+        if self.stopped_by == "SIGINT":
+            return 130
+        if self.stopped_by == "SIGTERM":
+            return 143
+        if self.stopped_by == "max_runtime" and pending:
+            return 3
         ok = {Outcome.DOWNLOADED, Outcome.SKIPPED}
         return 0 if all(job.outcome in ok for job in self.jobs) else 1
 
@@ -192,6 +203,9 @@ class Runner:
         observer: progress receiver.
         clock: time source (tests inject one).
         rng: randomness for jitter (tests seed one).
+        max_runtime: seconds after which the run stops taking work and checkpoints (exit 3).
+        handle_signals: turn SIGINT/SIGTERM into a checkpointed stop (exit 130/143); a second
+            signal exits at once.
     """
 
     def __init__(
@@ -205,6 +219,8 @@ class Runner:
         redactor: Redactor | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        max_runtime: float | None = None,
+        handle_signals: bool = False,
     ) -> None:
         self.settings = settings
         self.specs = list(specs)
@@ -219,6 +235,10 @@ class Runner:
         self._download_slots = anyio.Semaphore(settings.downloads)
         self._stop_downloads = False
         self._refreshes: dict[str, int] = {}
+        self._max_runtime = max_runtime
+        self._handle_signals = handle_signals
+        self._jobs_scope: anyio.CancelScope | None = None  # made inside the event loop
+        self.stopped_by: str | None = None
         self.jobs: list[Job] = []
 
     @property
@@ -266,20 +286,60 @@ class Runner:
                 rng=self._rng,
             )
             await self._prepare_jobs()
-            admission = anyio.Semaphore(self.settings.in_flight + self.settings.downloads)
-            async with anyio.create_task_group() as tg:
-                for job in self.jobs:
-                    if job.outcome is Outcome.SKIPPED:
-                        continue
-                    await admission.acquire()
-                    tg.start_soon(self._run_job, job, admission)
+            async with anyio.create_task_group() as watchers:
+                if self._max_runtime is not None:
+                    watchers.start_soon(self._stop_at, started + self._max_runtime)
+                if self._handle_signals:
+                    watchers.start_soon(self._watch_signals)
+                await self._run_all()
+                watchers.cancel_scope.cancel()
         return RunResult(
             jobs=tuple(self._result(job) for job in self.jobs),
             api_requests=self._client.stats.sent,
             storage_requests=self._downloader.requests_sent,
             throttled=self._client.stats.throttled,
             wall_seconds=self._clock.monotonic() - started,
+            stopped_by=self.stopped_by,
         )
+
+    async def _run_all(self) -> None:
+        """Admit jobs in order (bounded), until all ran or a stop was requested."""
+        admission = anyio.Semaphore(self.settings.in_flight + self.settings.downloads)
+        self._jobs_scope = anyio.CancelScope()
+        if self.stopped_by is not None:
+            self._jobs_scope.cancel()
+        with self._jobs_scope:
+            async with anyio.create_task_group() as tg:
+                for job in self.jobs:
+                    if job.outcome is Outcome.SKIPPED:
+                        continue
+                    await admission.acquire()
+                    tg.start_soon(self._run_job, job, admission)
+
+    def request_stop(self, reason: str) -> None:
+        """Stop: admit no new job and cancel the running ones at their current step.
+
+        Every transition is already saved and ``.part`` files are kept, so the next run resumes.
+        ``reason`` is ``"SIGINT"``, ``"SIGTERM"`` or ``"max_runtime"`` (the first one wins).
+        """
+        if self.stopped_by is None:
+            self.stopped_by = reason
+            log.warning("stopping (%s): in-flight work is checkpointed for the next run", reason)
+        if self._jobs_scope is not None:
+            self._jobs_scope.cancel()
+
+    async def _stop_at(self, deadline: float) -> None:
+        await self._clock.sleep(max(0.0, deadline - self._clock.monotonic()))
+        self.request_stop("max_runtime")
+
+    async def _watch_signals(self) -> None:
+        names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+        with anyio.open_signal_receiver(*names) as signals:
+            async for signum in signals:
+                if self.stopped_by in names.values():
+                    log.error("second %s: exiting now", names[signum])
+                    os._exit(128 + signum)
+                self.request_stop(names[signum])
 
     # ----------------------------------------------------------------- set-up
 

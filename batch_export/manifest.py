@@ -550,7 +550,7 @@ class _Seq:
         self.items: list[_Node] = []
         self.line = line
         self.col = col
-        self.size = 1  # nodes in the expanded subtree, itself included
+        self.size = 0  # once closed: nodes in the expanded subtree, itself included
 
 
 class _Map:
@@ -561,7 +561,7 @@ class _Map:
         self.items: list[_Node] = []  # flat: key, value, key, value, ...
         self.line = line
         self.col = col
-        self.size = 1
+        self.size = 0  # once closed: nodes in the expanded subtree, itself included
 
 
 _Node = _Scalar | _Seq | _Map
@@ -630,7 +630,13 @@ def _parse_yaml(text: str, report: _Report) -> _Node | None:
 
 
 def _compose(loader: Any, report: _Report) -> _Composed:
-    """Compose the single document of ``loader``'s event stream into compact nodes."""
+    """Compose the single document of ``loader``'s event stream into compact nodes.
+
+    While a collection is open its ``size`` holds the extra nodes its aliased or nested children
+    bring beyond one node each; when it closes, it becomes the expanded size of its subtree. An alias
+    adds its target's size, already known (memoised) since the target is closed: an alias to a node
+    still open is recursive and refused.
+    """
     get_event = loader.get_event
     resolve = loader.resolve
     resolver_keys = frozenset(loader.yaml_implicit_resolvers)
@@ -641,7 +647,8 @@ def _compose(loader: Any, report: _Report) -> _Composed:
     stack: list[_Seq | _Map] = []
     parent: _Seq | _Map | None = None
     root: _Node | None = None
-    own = 0
+    written = 0  # children of closed collections, aliases included
+    aliases = 0
     documents = 0
     node: _Node
     while True:
@@ -660,22 +667,21 @@ def _compose(loader: Any, report: _Report) -> _Composed:
                 tag = _T_STR
             mark = event.start_mark
             node = _Scalar(tag, value, event.style or None, mark.line + 1, mark.column + 1)
-            own += 1
             if event.anchor is not None:
                 anchors[event.anchor] = node
-            size = 1
+            if parent is None:
+                root = node
+            else:
+                parent.items.append(node)
         elif kind is MappingStartEvent or kind is SequenceStartEvent:
             mark = event.start_mark
             tag = event.tag
             if kind is MappingStartEvent:
-                node = _Map(
-                    _T_MAP if tag is None or tag == "!" else tag, mark.line + 1, mark.column + 1
-                )
+                tag = _T_MAP if tag is None or tag == "!" else tag
+                node = _Map(tag, mark.line + 1, mark.column + 1)
             else:
-                node = _Seq(
-                    _T_SEQ if tag is None or tag == "!" else tag, mark.line + 1, mark.column + 1
-                )
-            own += 1
+                tag = _T_SEQ if tag is None or tag == "!" else tag
+                node = _Seq(tag, mark.line + 1, mark.column + 1)
             if event.anchor is not None:
                 anchors[event.anchor] = node
                 open_anchored.add(id(node))
@@ -685,40 +691,39 @@ def _compose(loader: Any, report: _Report) -> _Composed:
                 parent.items.append(node)
                 stack.append(parent)
             parent = node
-            continue
         elif kind is MappingEndEvent or kind is SequenceEndEvent:
             assert parent is not None
             closed = parent
-            open_anchored.discard(id(closed))
+            count = len(closed.items)
+            written += count
+            closed.size += count + 1
+            if open_anchored:
+                open_anchored.discard(id(closed))
             if stack:
                 parent = stack.pop()
-                parent.size += closed.size
+                parent.size += closed.size - 1
             else:
                 parent = None
-            continue
         elif kind is AliasEvent:
             mark = event.start_mark
             target = anchors.get(event.anchor)
-            if target is None:
-                report.error(
-                    mark.line + 1,
-                    mark.column + 1,
-                    "",
-                    "alias to an anchor that is not defined before it",
-                )
-                node, size = _Scalar(_T_NULL, "", None, mark.line + 1, mark.column + 1), 1
-            elif id(target) in open_anchored:
-                report.error(
-                    mark.line + 1,
-                    mark.column + 1,
-                    "",
-                    f"recursive alias: it refers to the node that contains it (anchored at line "
-                    f"{target.line}, column {target.col})",
-                )
-                node, size = _Scalar(_T_NULL, "", None, mark.line + 1, mark.column + 1), 1
+            if target is None or id(target) in open_anchored:
+                if target is None:
+                    message = "alias to an anchor that is not defined before it"
+                else:
+                    message = (
+                        "recursive alias: it refers to the node that contains it (anchored at "
+                        f"line {target.line}, column {target.col})"
+                    )
+                report.error(mark.line + 1, mark.column + 1, "", message)
+                target = _Scalar(_T_NULL, "", None, mark.line + 1, mark.column + 1)
+            aliases += 1
+            if parent is None:
+                root = target
             else:
-                node = target
-                size = 1 if isinstance(target, _Scalar) else target.size
+                parent.items.append(target)
+                if not isinstance(target, _Scalar):
+                    parent.size += target.size - 1
         elif kind is DocumentStartEvent:
             documents += 1
             if documents > 1:
@@ -729,17 +734,11 @@ def _compose(loader: Any, report: _Report) -> _Composed:
                     "",
                     "a manifest is a single YAML document; found a second one (remove this ---)",
                 )
-                return _Composed(None, own)
-            continue
+                return _Composed(None, 0)
         elif kind is StreamEndEvent:
+            own = 0 if root is None else written + 1 - aliases  # nodes written, aliases not
             return _Composed(root, own)
-        else:  # StreamStartEvent, DocumentEndEvent
-            continue
-        if parent is None:
-            root = node
-        else:
-            parent.items.append(node)
-            parent.size += size
+        # else: StreamStartEvent, DocumentEndEvent
 
 
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
@@ -906,13 +905,15 @@ _RESERVED: Final = frozenset(
     | {f"LPT{i}" for i in range(1, 10)}
 )
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+_RESERVED_STARTS: Final = frozenset(name[:3] for name in _RESERVED)
 
 _TemplatePart = tuple[str, int]  # literal text, then index into (aoi_id, insight_id, name) or -1
 
 
 def _is_reserved(value: str) -> bool:
-    stem = value.split(".", 1)[0].rstrip(" ").upper()
-    return stem in _RESERVED
+    if value[:3].upper() not in _RESERVED_STARTS:
+        return False
+    return value.split(".", 1)[0].rstrip(" ").upper() in _RESERVED
 
 
 def _compile_template(template: str) -> tuple[_TemplatePart, ...]:
@@ -1063,21 +1064,23 @@ _DEC_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
 _DEC_NUMBER = re.compile(r"[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER_TAGS: Final = frozenset({_T_INT, _T_FLOAT})
-_MISSING: Final = object()
 
 
 class _Entry:
     __slots__ = ("aoi_id", "col", "index", "inputs", "insight_id", "line", "name", "outputs")
 
-    def __init__(self, index: int, line: int, col: int) -> None:
+    def __init__(self, index: int, node: _Map, values: dict[str, Any]) -> None:
         self.index = index
-        self.line = line
-        self.col = col
-        self.aoi_id: str | None = None
-        self.insight_id: str | None = None
-        self.name: str | None = None
-        self.inputs: tuple[str, ...] | None = None
-        self.outputs: tuple[str, ...] | None = None
+        self.line = node.line
+        self.col = node.col
+        self.aoi_id: str = values["aoi_id"]
+        self.insight_id: str = values["insight_id"]
+        self.name: str | None = values.get("name")
+        self.inputs: tuple[str, ...] | None = values.get("inputs")
+        self.outputs: tuple[str, ...] | None = values.get("outputs")
+
+
+_Section = tuple[dict[str, Any], dict[str, _Node]]  # converted values, value nodes; by key
 
 
 def _join(path: str, key: str) -> str:
@@ -1085,7 +1088,7 @@ def _join(path: str, key: str) -> str:
 
 
 class _Validator:
-    """Walks the node tree along the key/type table, reporting every problem."""
+    """Walks the node tree along the key/type table (:data:`_TOP`), reporting every problem."""
 
     def __init__(self, report: _Report, path: Path) -> None:
         self.report = report
@@ -1106,476 +1109,176 @@ class _Validator:
                 f"expected a mapping with version: 1 and exports:, got {_kind_name(root)}",
             )
             return None
-        found = self.keys(root, "", _TOP, secrets=True)
-        self.version(found.get("version"), root)
-        api = self.api(found.get("api"))
-        limits = self.limits(found.get("limits"))
-        output = self.output(found.get("output"))
-        defaults = self.defaults(found.get("defaults"))
+        found = self.keys(root, "", _TOP, guard=True)
+        if "version" in found:
+            self.value(_TOP["version"], found["version"], "version")
+        api = self.api(self.section(found, "api"))
+        limits = self.limits(self.section(found, "limits"))
+        output, parts = self.output(self.section(found, "output"))
+        defaults = self.defaults(self.section(found, "defaults"))
         entries = self.exports(found.get("exports"))
-        settings, parts = output
-        if parts is None:
-            return None
-        exports = self.plan(entries, defaults, parts)
+        exports = self.plan(entries, defaults, parts) if parts is not None else ()
         if self.report.has_errors():
             return None
         return Manifest(
             path=self.manifest_path,
             api=api,
             limits=limits,
-            output=settings,
+            output=output,
             exports=exports,
             warnings=self.report.warnings(),
         )
 
+    # -- keys -------------------------------------------------------------------------------------
+
     def keys(
-        self, node: _Map, path: str, table: Mapping[str, _Field], *, secrets: bool = False
-    ) -> dict[str, tuple[_Scalar, _Node]]:
-        """Check a mapping's keys against ``table``; return the known ones with their values."""
-        found: dict[str, tuple[_Scalar, _Node]] = {}
+        self, node: _Map, path: str, table: Mapping[str, _Field], *, guard: bool = False
+    ) -> dict[str, _Node]:
+        """Check a mapping's keys against ``table``; return the known keys' value nodes.
+
+        ``guard`` (top level and ``api``): refuse literal API keys, echo only plain key names.
+        """
+        found: dict[str, _Node] = {}
         seen: dict[str, _Scalar] = {}
         items = node.items
         for i in range(0, len(items), 2):
             key = items[i]
-            if type(key) is _Scalar and key.tag == _T_STR:
-                name = key.value
-                first = seen.get(name)
-                if first is not None:
-                    self.duplicate_key(key, first, path, secrets=secrets)
-                    continue
-                seen[name] = key
-                if name in table:
-                    found[name] = (key, items[i + 1])
-                else:
-                    self.unknown_key(key, path, table, secrets=secrets)
+            if type(key) is not _Scalar or key.tag != _T_STR:
+                self.bad_key(key, path, table)
+                continue
+            name = key.value
+            first = seen.get(name)
+            if first is not None:
+                self.duplicate_key(key, first, path, guard=guard)
+                continue
+            seen[name] = key
+            if name in table:
+                found[name] = items[i + 1]
             else:
-                self.bad_key(key, path, table, secrets=secrets)
-        for name, spec in table.items():
-            if spec.required and name not in found:
-                self.report.error(node.line, node.col, path, f"missing required key {name}")
+                self.unknown_key(key, path, table, guard=guard)
+        if len(found) < len(table):
+            for name, spec in table.items():
+                if spec.required and name not in found:
+                    self.report.error(node.line, node.col, path, f"missing required key {name}")
         return found
 
-    def duplicate_key(self, key: _Scalar, first: _Scalar, path: str, *, secrets: bool) -> None:
-        shown = _STRICT_ECHO if secrets else _LOOSE_ECHO
+    def duplicate_key(self, key: _Scalar, first: _Scalar, path: str, *, guard: bool) -> None:
         where = f"(first at line {first.line}, column {first.col})"
-        if shown.fullmatch(key.value):
-            self.report.error(
-                key.line, key.col, _join(path, key.value), f"duplicate key {key.value} {where}"
-            )
+        if (_STRICT_ECHO if guard else _LOOSE_ECHO).fullmatch(key.value):
+            message = f"duplicate key {key.value} {where}"
+            self.report.error(key.line, key.col, _join(path, key.value), message)
         else:
             self.report.error(key.line, key.col, path, f"duplicate key {where}")
 
     def unknown_key(
-        self, key: _Scalar, path: str, table: Mapping[str, _Field], *, secrets: bool
+        self, key: _Scalar, path: str, table: Mapping[str, _Field], *, guard: bool
     ) -> None:
         name = key.value
-        if secrets and _is_literal_key(name, table):
+        if guard and _is_literal_key(name, table):
             where = _join(path, name) if _STRICT_ECHO.fullmatch(name) else path
             self.report.error(key.line, key.col, where, _LITERAL_KEY_MESSAGE)
             return
-        known = ", ".join(table)
-        hint = difflib.get_close_matches(name, table, 1, 0.6)
-        did_you_mean = f"; did you mean {hint[0]}?" if hint else ""
         if name == "<<":
-            message = (
-                "YAML merge keys (<<) are not supported; use defaults: for shared inputs/outputs, "
-                "or an alias (*name) for a whole value"
-            )
-            self.report.error(key.line, key.col, path, message)
-        elif (_STRICT_ECHO if secrets else _LOOSE_ECHO).fullmatch(name):
-            self.report.error(
-                key.line,
-                key.col,
-                _join(path, name),
-                f"unknown key {name}{did_you_mean} (known keys here: {known})",
-            )
+            self.report.error(key.line, key.col, path, _MERGE_KEY_MESSAGE)
+            return
+        hint = difflib.get_close_matches(name, table, 1, 0.6)
+        message = "unknown key {}" + (f"; did you mean {hint[0]}?" if hint else "")
+        message += f" (known keys here: {', '.join(table)})"
+        if (_STRICT_ECHO if guard else _LOOSE_ECHO).fullmatch(name):
+            self.report.error(key.line, key.col, _join(path, name), message.format(name))
         else:
-            self.report.error(
-                key.line,
-                key.col,
-                path,
-                f"unknown key (name not shown){did_you_mean} (known keys here: {known})",
-            )
+            self.report.error(key.line, key.col, path, message.format("(name not shown)"))
 
-    def bad_key(self, key: _Node, path: str, table: Mapping[str, _Field], *, secrets: bool) -> None:
+    def bad_key(self, key: _Node, path: str, table: Mapping[str, _Field]) -> None:
+        """Report a key that is not a string: a collection, or a plain scalar YAML retyped."""
+        report = self.report
+        known = f"known keys here: {', '.join(table)}"
         if type(key) is not _Scalar:
-            self.report.error(
+            report.error(
                 key.line, key.col, path, f"expected a key name, got {_kind_name(key)} as a key"
             )
-            return
-        if key.tag == _T_MERGE:
-            self.report.error(
-                key.line,
-                key.col,
-                path,
-                "YAML merge keys (<<) are not supported; use defaults: for shared inputs/outputs, "
-                "or an alias (*name) for a whole value",
-            )
-            return
-        known = f"known keys here: {', '.join(table)}"
-        if path == "api" or key.style is not None or not _LOOSE_ECHO.fullmatch(key.value):
-            self.report.error(
+        elif key.tag == _T_MERGE:
+            report.error(key.line, key.col, path, _MERGE_KEY_MESSAGE)
+        elif path == "api" or key.style is not None or not _LOOSE_ECHO.fullmatch(key.value):
+            report.error(
                 key.line,
                 key.col,
                 path,
                 f"key names are strings; YAML reads this unquoted key as {_reading_kind(key)}, "
                 f"and it is not a known key ({known})",
             )
-            return
-        self.report.error(
-            key.line,
-            key.col,
-            path,
-            f"unquoted key {key.value} is read by YAML as {_reading(key)} — quote it: "
-            f"{_quote(key.value)}; it is not a known key either ({known})",
-        )
+        else:
+            report.error(
+                key.line,
+                key.col,
+                path,
+                f"unquoted key {key.value} is read by YAML as {_reading(key)} — quote it: "
+                f"{_quote(key.value)}; it is not a known key either ({known})",
+            )
 
-    def version(self, item: tuple[_Scalar, _Node] | None, root: _Map) -> None:
-        if item is None:
-            return  # reported as a missing required key
-        node = item[1]
+    # -- values by kind ---------------------------------------------------------------------------
+
+    def value(self, spec: _Field, node: _Node, path: str) -> Any:
+        """Convert ``node`` as ``spec.kind`` says; None (reported) when it is not valid."""
+        kind = spec.kind
+        if kind is _Kind.ID:
+            if type(node) is _Scalar and node.tag == _T_STR and node.value:
+                return node.value
+            return self.identifier(node, path)
+        if kind is _Kind.ASSETS:
+            return self.assets(node, path)
+        if kind is _Kind.STATUSES:
+            return self.statuses(node, path)
+        if kind is _Kind.URL:
+            return self.url(node, path)
+        if kind is _Kind.ENV_NAME:
+            return self.env_name(node, path)
+        if kind is _Kind.PATH:
+            return self.path(node, path)
+        if kind is _Kind.TEMPLATE:
+            return self.template(node, path)
+        if kind is _Kind.INT:
+            assert spec.minimum is not None and spec.maximum is not None
+            return self.integer(node, path, spec.minimum, spec.maximum)
+        if kind is _Kind.RATE:
+            return self.rate(node, path)
+        if kind is _Kind.DURATION:
+            return self.duration(node, path)
+        if kind is _Kind.VERSION:
+            return self.version(node, path)
+        raise AssertionError(f"{kind} is walked by its owner")  # SECTION, EXPORTS
+
+    def values(
+        self, nodes: dict[str, _Node], table: Mapping[str, _Field], path: str
+    ) -> dict[str, Any]:
+        """Convert every value in ``nodes``; those that are not valid are left out."""
+        out = {}
+        for name, node in nodes.items():
+            value = self.value(table[name], node, _join(path, name))
+            if value is not None:
+                out[name] = value
+        return out
+
+    def hidden(self, path: str) -> bool:
+        """Whether values at ``path`` must never be echoed (the ``api`` section)."""
+        return path == "api" or path.startswith("api.")
+
+    def version(self, node: _Node, path: str) -> int | None:
         if type(node) is _Scalar and node.style is None and node.tag == _T_INT:
             if node.value == "1":
-                return
+                return 1
             if _DEC_INT.fullmatch(node.value):
                 self.report.error(
                     node.line,
                     node.col,
-                    "version",
+                    path,
                     f"unsupported manifest version {node.value}; this batch-export reads version 1",
                 )
-                return
-        self.report.error(node.line, node.col, "version", "expected the integer 1 (version: 1)")
+                return None
+        self.report.error(node.line, node.col, path, "expected the integer 1 (version: 1)")
+        return None
 
-    # -- sections ---------------------------------------------------------------------------------
-
-    def section(
-        self, item: tuple[_Scalar, _Node] | None, name: str, table: Mapping[str, _Field]
-    ) -> dict[str, tuple[_Scalar, _Node]] | None:
-        if item is None:
-            return {}
-        node = item[1]
-        if type(node) is _Scalar and node.tag == _T_NULL and node.style is None:
-            return {}  # "limits:" with nothing under it
-        if type(node) is not _Map:
-            self.report.error(
-                node.line, node.col, name, f"expected a mapping, got {_kind_name(node)}"
-            )
-            return None
-        if node.tag != _T_MAP:
-            self.bad_tag(node, name)
-        return self.keys(node, name, table, secrets=name == "api")
-
-    def api(self, item: tuple[_Scalar, _Node] | None) -> ApiSettings:
-        found = self.section(item, "api", _API)
-        if not found:
-            return ApiSettings()
-        url = key_env = None
-        key_file = None
-        statuses: dict[str, tuple[str, ...] | None] = {}
-        if "url" in found:
-            url = self.url(found["url"][1], "api.url")
-        if "key_env" in found:
-            node = found["key_env"][1]
-            key_env = self.string(node, "api.key_env", secret=True)
-            if key_env is not None and not _ENV_NAME.fullmatch(key_env):
-                self.report.error(
-                    node.line,
-                    node.col,
-                    "api.key_env",
-                    "expected the NAME of an environment variable (letters, digits and _, not "
-                    "starting with a digit), such as PIXXEL_API_KEY; the value is not shown in "
-                    "case it is the key itself",
-                )
-                key_env = None
-        if "key_file" in found:
-            key_file = self.path(found["key_file"][1], "api.key_file", secret=True)
-        positions: dict[str, dict[str, _Scalar]] = {}
-        for name in ("ready_statuses", "failed_statuses"):
-            if name in found:
-                statuses[name], positions[name] = self.statuses(found[name][1], f"api.{name}")
-        ready, failed = positions.get("ready_statuses", {}), positions.get("failed_statuses", {})
-        for status, node in failed.items():
-            other = ready.get(status)
-            if other is not None:
-                self.report.error(
-                    node.line,
-                    node.col,
-                    "api.failed_statuses",
-                    f"this status is also in api.ready_statuses (line {other.line}, column "
-                    f"{other.col}); a status is either ready or failed",
-                )
-        return ApiSettings(
-            url=url,
-            key_env=key_env,
-            key_file=key_file,
-            ready_statuses=statuses.get("ready_statuses"),
-            failed_statuses=statuses.get("failed_statuses"),
-        )
-
-    def url(self, node: _Node, path: str) -> str | None:
-        text = self.string(node, path, secret=True)
-        if text is None:
-            return None
-        problem = None
-        try:
-            parts = urllib.parse.urlsplit(text)
-            _ = parts.port  # raises ValueError on a bad port
-        except ValueError:
-            problem = "is not a valid URL"
-        else:
-            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-                problem = "must be an http:// or https:// URL with a host, such as https://api.pixxel.space"
-            elif "@" in parts.netloc:
-                problem = (
-                    "must not hold user:password@; the key goes in an environment variable "
-                    "(api.key_env) or a file (api.key_file)"
-                )
-            elif parts.query or parts.fragment or text.endswith(("?", "#")):
-                problem = "must not have a query (?...) or fragment (#...)"
-            elif re.search(r"\s", text) or _CONTROL.search(text):
-                problem = "must not contain white space or control characters"
-        if problem is not None:
-            self.report.error(node.line, node.col, path, f"the API URL {problem} (value not shown)")
-            return None
-        return text.rstrip("/")
-
-    def statuses(self, node: _Node, path: str) -> tuple[tuple[str, ...] | None, dict[str, _Scalar]]:
-        items = self.string_list(node, path, secret=True)
-        if items is None:
-            return None, {}
-        if not items:
-            self.report.error(node.line, node.col, path, "expected at least one status")
-            return None, {}
-        positions: dict[str, _Scalar] = {}
-        for value, item in items:
-            lowered = value.lower()
-            if not lowered.strip():
-                self.report.error(item.line, item.col, path, "a status must not be empty")
-                continue
-            positions.setdefault(lowered, item)
-        return tuple(positions), positions
-
-    def limits(self, item: tuple[_Scalar, _Node] | None) -> LimitSettings:
-        found = self.section(item, "limits", _LIMITS)
-        if not found:
-            return LimitSettings()
-        values: dict[str, Any] = {}
-        for name, (_key, node) in found.items():
-            spec = _LIMITS[name]
-            path = f"limits.{name}"
-            if spec.kind is _Kind.INT:
-                assert spec.minimum is not None and spec.maximum is not None
-                values[name] = self.integer(node, path, spec.minimum, spec.maximum)
-            elif spec.kind is _Kind.RATE:
-                values[name] = self.rate(node, path)
-            else:
-                values[name] = self.duration(node, path)
-        low, high = values.get("poll_interval"), values.get("poll_max_interval")
-        if low is not None and high is not None and high < low:
-            node = found["poll_max_interval"][1]
-            self.report.error(
-                node.line,
-                node.col,
-                "limits.poll_max_interval",
-                f"must be at least poll_interval ({high:g} s < {low:g} s)",
-            )
-        return LimitSettings(**values)
-
-    def output(
-        self, item: tuple[_Scalar, _Node] | None
-    ) -> tuple[OutputSettings, tuple[_TemplatePart, ...] | None]:
-        """Return the settings and the compiled template (None when the template is unusable)."""
-        found = self.section(item, "output", _OUTPUT)
-        if found is None:
-            return OutputSettings(), None
-        directory = None
-        if "dir" in found:
-            directory = self.path(found["dir"][1], "output.dir", secret=False)
-        if "path" not in found:
-            return OutputSettings(dir=directory), _DEFAULT_PARTS
-        node = found["path"][1]
-        template = self.string(node, "output.path")
-        if template is None:
-            return OutputSettings(dir=directory), None
-        try:
-            parts = _compile_template(template)
-        except ValueError as exc:
-            self.report.error(node.line, node.col, "output.path", str(exc))
-            return OutputSettings(dir=directory), None
-        return OutputSettings(dir=directory, path=template), parts
-
-    def defaults(
-        self, item: tuple[_Scalar, _Node] | None
-    ) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
-        """Return the default inputs and outputs; None for a list that is invalid."""
-        found = self.section(item, "defaults", _DEFAULTS)
-        if found is None:
-            return None, None
-        inputs: tuple[str, ...] | None = ()
-        outputs: tuple[str, ...] | None = ()
-        if "inputs" in found:
-            inputs = self.assets(found["inputs"][1], "defaults.inputs")
-        if "outputs" in found:
-            outputs = self.assets(found["outputs"][1], "defaults.outputs")
-        return inputs, outputs
-
-    # -- exports ----------------------------------------------------------------------------------
-
-    def exports(self, item: tuple[_Scalar, _Node] | None) -> list[_Entry]:
-        if item is None:
-            return []
-        node = item[1]
-        if type(node) is not _Seq:
-            self.report.error(
-                node.line,
-                node.col,
-                "exports",
-                f"expected a list of exports, got {_kind_name(node)}",
-            )
-            return []
-        if node.tag != _T_SEQ:
-            self.bad_tag(node, "exports")
-        if not node.items:
-            self.report.error(node.line, node.col, "exports", "expected at least one export")
-            return []
-        entries = []
-        for index, child in enumerate(node.items):
-            entry = self.entry(index, child)
-            if entry is not None:
-                entries.append(entry)
-        return entries
-
-    def entry(self, index: int, node: _Node) -> _Entry | None:
-        path = f"exports[{index}]"
-        if type(node) is not _Map:
-            self.report.error(
-                node.line,
-                node.col,
-                path,
-                f"expected a mapping with aoi_id and insight_id, got {_kind_name(node)}",
-            )
-            return None
-        if node.tag != _T_MAP:
-            self.bad_tag(node, path)
-        entry = _Entry(index, node.line, node.col)
-        found = self.keys(node, path, _EXPORT)
-        ok = "aoi_id" in found and "insight_id" in found
-        for name, (_key, value) in found.items():
-            if name == "inputs":
-                entry.inputs = self.assets(value, f"{path}.inputs")
-                ok = ok and entry.inputs is not None
-            elif name == "outputs":
-                entry.outputs = self.assets(value, f"{path}.outputs")
-                ok = ok and entry.outputs is not None
-            else:
-                text = self.identifier(value, path, name)
-                if text is None:
-                    ok = False
-                elif name == "aoi_id":
-                    entry.aoi_id = text
-                elif name == "insight_id":
-                    entry.insight_id = text
-                else:
-                    entry.name = text
-        return entry if ok else None
-
-    def plan(
-        self,
-        entries: list[_Entry],
-        defaults: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
-        parts: tuple[_TemplatePart, ...],
-    ) -> tuple[ExportSpec, ...]:
-        """Apply defaults, render output paths, merge identical entries, find collisions."""
-        report = self.report
-        cache: dict[str, str] = {}
-        specs: list[ExportSpec] = []
-        labels: list[_Entry] = []
-        by_path: dict[str, int] = {}
-        default_inputs, default_outputs = defaults
-        for entry in entries:
-            aoi_id, insight_id = entry.aoi_id, entry.insight_id
-            assert aoi_id is not None and insight_id is not None
-            inputs = default_inputs if entry.inputs is None else entry.inputs
-            outputs = default_outputs if entry.outputs is None else entry.outputs
-            if inputs is None or outputs is None:
-                continue  # an invalid defaults list, reported already
-            label = f"exports[{entry.index}]"
-            if not inputs and not outputs:
-                report.error(
-                    entry.line,
-                    entry.col,
-                    label,
-                    "nothing selected: inputs and outputs are both empty (set them here or in "
-                    "defaults:)",
-                )
-                continue
-            name = insight_id if entry.name is None else entry.name
-            relpath = _render(parts, (aoi_id, insight_id, name), cache)
-            problem = _relpath_problem(relpath)
-            if problem is not None:
-                report.error(entry.line, entry.col, label, problem)
-                continue
-            j = by_path.get(relpath)
-            if j is not None:
-                other, first = specs[j], labels[j]
-                where = f"exports[{first.index}] (line {first.line})"
-                if (other.aoi_id, other.insight_id, other.inputs, other.outputs, other.name) == (
-                    aoi_id,
-                    insight_id,
-                    inputs,
-                    outputs,
-                    name,
-                ):
-                    report.warning(
-                        entry.line, entry.col, label, f"identical to {where}; merged into it"
-                    )
-                else:
-                    report.error(
-                        entry.line,
-                        entry.col,
-                        label,
-                        f"output path {_quote(relpath)} is also the output path of {where}; set a "
-                        "distinct name or change output.path",
-                    )
-                continue
-            by_path[relpath] = len(specs)
-            labels.append(entry)
-            specs.append(ExportSpec(aoi_id, insight_id, inputs, outputs, name, relpath, entry.line))
-        self.collisions(specs, labels)
-        return tuple(specs)
-
-    def collisions(self, specs: list[ExportSpec], labels: list[_Entry]) -> None:
-        """Report paths that are folders of others or ``.part`` names; warn on case-only clashes."""
-        for i, j, kind in _path_conflicts([spec.relpath for spec in specs]):
-            entry, other = labels[i], labels[j]
-            shown = _quote(specs[i].relpath)
-            where = f"exports[{other.index}] (line {other.line})"
-            if kind == "case":
-                self.report.warning(
-                    entry.line,
-                    entry.col,
-                    f"exports[{entry.index}]",
-                    f"output path {shown} differs from that of {where} only in letter case or "
-                    "Unicode form; they collide on case-insensitive file systems (macOS, Windows)",
-                )
-                continue
-            message = {
-                "folder": f"output path {shown} is a folder in the output path of {where}",
-                "part-folder": f"the download file {shown}.part is a folder in the output path "
-                f"of {where}",
-                "part": f"output path {shown} is the download file (.part) of {where}",
-            }[kind]
-            self.report.error(entry.line, entry.col, f"exports[{entry.index}]", message)
-
-    # -- values -----------------------------------------------------------------------------------
-
-    def bad_tag(self, node: _Node, path: str) -> None:
-        self.report.error(
-            node.line, node.col, path, f"unexpected explicit tag {_short_tag(node.tag)}; remove it"
-        )
-
-    def string(self, node: _Node, path: str, *, secret: bool = False) -> str | None:
+    def string(self, node: _Node, path: str) -> str | None:
         """Return a string node's value, or report what YAML made of it and return None."""
         if type(node) is _Scalar and node.tag == _T_STR:
             return node.value
@@ -1585,13 +1288,9 @@ class _Validator:
         elif node.style is None and node.value == "":
             report.error(node.line, node.col, path, "expected a string, got nothing (empty value)")
         elif node.style is not None or node.tag not in _YAML11_TAGS:
-            report.error(
-                node.line,
-                node.col,
-                path,
-                f"expected a string, got a value tagged {_short_tag(node.tag)}",
-            )
-        elif secret:
+            tag = "(not shown)" if self.hidden(path) else _short_tag(node.tag)
+            report.error(node.line, node.col, path, f"expected a string, got a value tagged {tag}")
+        elif self.hidden(path):
             report.error(
                 node.line,
                 node.col,
@@ -1609,21 +1308,21 @@ class _Validator:
             )
         return None
 
-    def identifier(self, node: _Node, path: str, name: str) -> str | None:
-        if type(node) is _Scalar and node.tag == _T_STR:
-            if node.value:
-                return node.value
-            self.report.error(node.line, node.col, f"{path}.{name}", f"{name} must not be empty")
+    def identifier(self, node: _Node, path: str) -> str | None:
+        """Return a non-empty string (an id, a name)."""
+        text = self.string(node, path)
+        if text == "":
+            name = path.rsplit(".", 1)[-1]
+            self.report.error(node.line, node.col, path, f"{name} must not be empty")
             return None
-        return self.string(node, f"{path}.{name}")
+        return text
 
-    def string_list(
-        self, node: _Node, path: str, *, secret: bool = False
-    ) -> list[tuple[str, _Scalar]] | None:
+    def string_list(self, node: _Node, path: str) -> list[_Scalar] | None:
+        """Return the items of a list of strings, or report why it is not one."""
         if type(node) is not _Seq:
             if type(node) is _Scalar and node.style is None and node.tag == _T_NULL:
                 message = "expected a list, got nothing (write [] for an empty list)"
-            elif type(node) is _Scalar and node.tag == _T_STR and not secret:
+            elif type(node) is _Scalar and node.tag == _T_STR and not self.hidden(path):
                 message = f"expected a list, got a string (write [{_quote(node.value)}])"
             else:
                 message = f"expected a list, got {_kind_name(node)}"
@@ -1631,19 +1330,17 @@ class _Validator:
             return None
         if node.tag != _T_SEQ:
             self.bad_tag(node, path)
-        out: list[tuple[str, _Scalar]] = []
-        ok = True
+        items: list[_Scalar] = []
         for i, item in enumerate(node.items):
             if type(item) is _Scalar and item.tag == _T_STR:
-                out.append((item.value, item))
+                items.append(item)
             else:
-                self.string(item, f"{path}[{i}]", secret=secret)
-                ok = False
-        return out if ok else None
+                self.string(item, f"{path}[{i}]")
+        return items if len(items) == len(node.items) else None
 
     def assets(self, node: _Node, path: str) -> tuple[str, ...] | None:
-        """Return a list of asset ids, deduplicated in first-occurrence order."""
-        if type(node) is _Seq and node.tag == _T_SEQ:
+        """Return asset ids, deduplicated in first-occurrence order (the order sent to the API)."""
+        if type(node) is _Seq and node.tag == _T_SEQ:  # fast path: a list of non-empty strings
             values = []
             for item in node.items:
                 if type(item) is not _Scalar or item.tag != _T_STR or not item.value:
@@ -1654,108 +1351,157 @@ class _Validator:
         items = self.string_list(node, path)
         if items is None:
             return None
-        ok = True
-        for i, (value, item) in enumerate(items):
-            if not value:
-                self.report.error(
-                    item.line, item.col, f"{path}[{i}]", "an asset id must not be empty"
-                )
-                ok = False
-        return tuple(dict.fromkeys(value for value, _ in items)) if ok else None
+        empty = [i for i, item in enumerate(items) if not item.value]
+        for i in empty:
+            self.report.error(
+                items[i].line, items[i].col, f"{path}[{i}]", "an asset id must not be empty"
+            )
+        return None if empty else tuple(dict.fromkeys(item.value for item in items))
 
-    def path(self, node: _Node, path: str, *, secret: bool) -> Path | None:
-        text = self.string(node, path, secret=secret)
+    def statuses(self, node: _Node, path: str) -> tuple[str, ...] | None:
+        """Return a non-empty list of status names, lower-cased and deduplicated."""
+        items = self.string_list(node, path)
+        if items is None:
+            return None
+        if not items:
+            self.report.error(node.line, node.col, path, "expected at least one status")
+            return None
+        blank = [item for item in items if not item.value.strip()]
+        for item in blank:
+            self.report.error(item.line, item.col, path, "a status must not be empty")
+        return None if blank else tuple(dict.fromkeys(item.value.lower() for item in items))
+
+    def url(self, node: _Node, path: str) -> str | None:
+        """Return an http(s) base URL without a trailing ``/``; the value is never echoed."""
+        text = self.string(node, path)
+        if text is None:
+            return None
+        problem = None
+        try:
+            parts = urllib.parse.urlsplit(text)
+            _ = parts.port  # raises ValueError on a bad port
+        except ValueError:
+            problem = "is not a valid URL"
+        else:
+            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+                problem = (
+                    "must be an http:// or https:// URL with a host, such as "
+                    "https://api.pixxel.space"
+                )
+            elif "@" in parts.netloc:
+                problem = (
+                    "must not hold user:password@; the key goes in an environment variable "
+                    "(api.key_env) or a file (api.key_file)"
+                )
+            elif parts.query or parts.fragment or text.endswith(("?", "#")):
+                problem = "must not have a query (?...) or fragment (#...)"
+            elif re.search(r"\s", text) or _CONTROL.search(text):
+                problem = "must not contain white space or control characters"
+        if problem is not None:
+            self.report.error(node.line, node.col, path, f"the API URL {problem} (value not shown)")
+            return None
+        return text.rstrip("/")
+
+    def env_name(self, node: _Node, path: str) -> str | None:
+        """Return the name of an environment variable; the value is never echoed."""
+        text = self.string(node, path)
+        if text is not None and not _ENV_NAME.fullmatch(text):
+            self.report.error(
+                node.line,
+                node.col,
+                path,
+                "expected the NAME of an environment variable (letters, digits and _, not "
+                "starting with a digit), such as PIXXEL_API_KEY; the value is not shown in "
+                "case it is the key itself",
+            )
+            return None
+        return text
+
+    def path(self, node: _Node, path: str) -> Path | None:
+        """Return a path; a relative one is anchored at the manifest's folder."""
+        text = self.string(node, path)
+        problem = None
         if text is None:
             return None
         if not text:
-            self.report.error(node.line, node.col, path, "expected a path, got an empty string")
-            return None
-        if text.startswith("~"):
-            self.report.error(
-                node.line, node.col, path, "~ is not expanded here; write the full path"
-            )
-            return None
-        if "\x00" in text:
-            self.report.error(node.line, node.col, path, "a path must not contain NUL")
+            problem = "expected a path, got an empty string"
+        elif text.startswith("~"):
+            problem = "~ is not expanded here; write the full path"
+        elif "\x00" in text:
+            problem = "a path must not contain NUL"
+        if problem is not None:
+            self.report.error(node.line, node.col, path, problem)
             return None
         given = Path(text)
         return given if given.is_absolute() else self.base / given
 
+    def template(self, node: _Node, path: str) -> str | None:
+        """Return a valid output path template."""
+        text = self.string(node, path)
+        if text is None:
+            return None
+        try:
+            _compile_template(text)
+        except ValueError as exc:
+            self.report.error(node.line, node.col, path, str(exc))
+            return None
+        return text
+
+    def number(self, node: _Node, path: str, what: str) -> int | float | None:
+        """Return a plain decimal number (an int when written without ``.`` or ``e``)."""
+        report = self.report
+        if type(node) is not _Scalar:
+            report.error(node.line, node.col, path, f"expected {what}, got {_kind_name(node)}")
+            return None
+        value, plain = node.value, node.style is None
+        if (plain and node.tag in _NUMBER_TAGS) or node.tag == _T_STR:
+            if plain and _DEC_INT.fullmatch(value):
+                return int(value)
+            if plain and _DEC_NUMBER.fullmatch(value):
+                return float(value)  # also 1e3, which YAML 1.1 reads as a string
+            if plain and node.tag in _NUMBER_TAGS:
+                message = f"write a plain decimal number: YAML 1.1 reads unquoted {value} as "
+                message += _reading(node)
+            elif not plain:
+                message = (
+                    f"expected {what}, got the quoted string {_quote(value)} (remove the quotes)"
+                )
+            else:
+                message = f"expected {what}, got the string {value}"
+        elif plain and node.tag == _T_NULL:
+            message = f"expected {what}, got nothing"
+        elif plain and node.tag in _YAML11_TAGS:
+            message = f"expected {what}; unquoted {value} is read by YAML as {_reading(node)}"
+        else:
+            message = f"expected {what}, got a value tagged {_short_tag(node.tag)}"
+        report.error(node.line, node.col, path, message)
+        return None
+
     def integer(self, node: _Node, path: str, low: int, high: int) -> int | None:
+        """Return a decimal integer in ``[low, high]``."""
         number = self.number(node, path, "an integer")
         if number is None:
             return None
         if not isinstance(number, int):
             assert type(node) is _Scalar
-            self.report.error(
-                node.line, node.col, path, f"expected a whole number, got {node.value}"
-            )
-            return None
-        if not low <= number <= high:
-            self.report.error(
-                node.line, node.col, path, f"must be between {low} and {high}, got {number}"
-            )
-            return None
-        return number
+            message = f"expected a whole number, got {node.value}"
+        elif not low <= number <= high:
+            message = f"must be between {low} and {high}, got {number}"
+        else:
+            return number
+        self.report.error(node.line, node.col, path, message)
+        return None
 
     def rate(self, node: _Node, path: str) -> float | None:
+        """Return a rate in requests/s, above 0 and finite."""
         number = self.number(node, path, "a number")
         if number is None:
             return None
         if not number > 0 or not math.isfinite(number):
-            self.report.error(
-                node.line, node.col, path, f"must be a number of requests/s above 0, got {number:g}"
-            )
+            message = f"must be a number of requests/s above 0, got {number:g}"
+            self.report.error(node.line, node.col, path, message)
             return None
         return float(number)
-
-    def number(self, node: _Node, path: str, what: str) -> int | float | None:
-        """Return a plain decimal number (int when written without . or e), or report why not."""
-        report = self.report
-        if type(node) is not _Scalar:
-            report.error(node.line, node.col, path, f"expected {what}, got {_kind_name(node)}")
-            return None
-        value = node.value
-        if (node.style is None and node.tag in _NUMBER_TAGS) or node.tag == _T_STR:
-            if node.style is None and _DEC_INT.fullmatch(value):
-                return int(value)
-            if node.style is None and _DEC_NUMBER.fullmatch(value):
-                return float(value)
-            if node.style is None and node.tag in _NUMBER_TAGS:
-                report.error(
-                    node.line,
-                    node.col,
-                    path,
-                    f"write a plain decimal number: YAML 1.1 reads unquoted {value} as "
-                    f"{_reading(node)}",
-                )
-            elif node.style is not None:
-                report.error(
-                    node.line,
-                    node.col,
-                    path,
-                    f"expected {what}, got the quoted string {_quote(value)} (remove the quotes)",
-                )
-            else:
-                report.error(node.line, node.col, path, f"expected {what}, got the string {value}")
-            return None
-        if node.style is None and value in ("", "~", "null", "Null", "NULL"):
-            report.error(node.line, node.col, path, f"expected {what}, got nothing")
-        elif node.style is None and node.tag in _YAML11_TAGS:
-            report.error(
-                node.line,
-                node.col,
-                path,
-                f"expected {what}; unquoted {value} is read by YAML as {_reading(node)}",
-            )
-        else:
-            report.error(
-                node.line,
-                node.col,
-                path,
-                f"expected {what}, got a value tagged {_short_tag(node.tag)}",
-            )
-        return None
 
     def duration(self, node: _Node, path: str) -> float | None:
         """Return a duration in seconds (> 0) from a number or a string such as ``1h30m``."""
@@ -1773,18 +1519,19 @@ class _Validator:
                     node.line,
                     node.col,
                     path,
-                    f"write a plain decimal number of seconds or a duration such as 90s, 15m or "
+                    "write a plain decimal number of seconds or a duration such as 90s, 15m or "
                     f"1h30m: YAML 1.1 reads unquoted {node.value} as {_reading(node)}",
                 )
                 return None
             seconds = float(node.value)
         else:
+            got = _reading(node) if type(node) is _Scalar else _kind_name(node)
             report.error(
                 node.line,
                 node.col,
                 path,
-                "expected a duration such as 90s, 15m, 1h30m, 500ms or a number of seconds, got "
-                + (_reading(node) if type(node) is _Scalar else _kind_name(node)),
+                f"expected a duration such as 90s, 15m, 1h30m, 500ms or a number of seconds, got "
+                f"{got}",
             )
             return None
         if not seconds > 0 or not math.isfinite(seconds):
@@ -1792,5 +1539,230 @@ class _Validator:
             return None
         return seconds
 
+    def bad_tag(self, node: _Node, path: str) -> None:
+        tag = "(not shown)" if self.hidden(path) else _short_tag(node.tag)
+        message = f"unexpected explicit tag {tag}; remove it"
+        self.report.error(node.line, node.col, path, message)
+
+    # -- sections ---------------------------------------------------------------------------------
+
+    def section(self, found: dict[str, _Node], name: str) -> _Section | None:
+        """Return the converted values and value nodes of a section; None if it is not a mapping."""
+        node = found.get(name)
+        if node is None or (type(node) is _Scalar and node.tag == _T_NULL and node.style is None):
+            return {}, {}  # absent, or "limits:" with nothing under it
+        if type(node) is not _Map:
+            message = f"expected a mapping, got {_kind_name(node)}"
+            self.report.error(node.line, node.col, name, message)
+            return None
+        if node.tag != _T_MAP:
+            self.bad_tag(node, name)
+        spec = _TOP[name]
+        assert spec.keys is not None
+        nodes = self.keys(node, name, spec.keys, guard=name == "api")
+        return self.values(nodes, spec.keys, name), nodes
+
+    def api(self, section: _Section | None) -> ApiSettings:
+        if section is None:
+            return ApiSettings()
+        values, nodes = section
+        if "key_env" in nodes and "key_file" in nodes:
+            node = nodes["key_file"]
+            self.report.error(
+                node.line,
+                node.col,
+                "api.key_file",
+                "set api.key_env or api.key_file, not both: the key must have one source",
+            )
+        ready, failed = values.get("ready_statuses"), values.get("failed_statuses")
+        if ready is not None and failed is not None:
+            both = set(ready) & set(failed)
+            ready_items, failed_items = nodes["ready_statuses"], nodes["failed_statuses"]
+            assert type(ready_items) is _Seq and type(failed_items) is _Seq
+            for item in failed_items.items:
+                assert type(item) is _Scalar
+                status = item.value.lower()
+                if status in both:
+                    both.discard(status)
+                    first = next(
+                        other
+                        for other in ready_items.items
+                        if type(other) is _Scalar and other.value.lower() == status
+                    )
+                    self.report.error(
+                        item.line,
+                        item.col,
+                        "api.failed_statuses",
+                        f"this status is also in api.ready_statuses (line {first.line}, column "
+                        f"{first.col}); a status is either ready or failed",
+                    )
+        return ApiSettings(**values)
+
+    def limits(self, section: _Section | None) -> LimitSettings:
+        if section is None:
+            return LimitSettings()
+        values, nodes = section
+        low, high = values.get("poll_interval"), values.get("poll_max_interval")
+        if low is not None and high is not None and high < low:
+            node = nodes["poll_max_interval"]
+            self.report.error(
+                node.line,
+                node.col,
+                "limits.poll_max_interval",
+                f"must be at least poll_interval ({high:g} s < {low:g} s)",
+            )
+        return LimitSettings(**values)
+
+    def output(
+        self, section: _Section | None
+    ) -> tuple[OutputSettings, tuple[_TemplatePart, ...] | None]:
+        """Return the settings and the compiled template (None when the template is unusable)."""
+        if section is None:
+            return OutputSettings(), None
+        values, nodes = section
+        if "path" in nodes and "path" not in values:
+            return OutputSettings(dir=values.get("dir")), None
+        settings = OutputSettings(**values)
+        return settings, _compile_template(settings.path)
+
+    def defaults(
+        self, section: _Section | None
+    ) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+        """Return the default inputs and outputs; None for one that is invalid."""
+        if section is None:
+            return None, None
+        values, nodes = section
+        inputs: tuple[str, ...] | None = values.get("inputs", None if "inputs" in nodes else ())
+        outputs: tuple[str, ...] | None = values.get("outputs", None if "outputs" in nodes else ())
+        return inputs, outputs
+
+    # -- exports ----------------------------------------------------------------------------------
+
+    def exports(self, node: _Node | None) -> list[_Entry]:
+        if node is None:
+            return []
+        if type(node) is not _Seq:
+            message = f"expected a list of exports, got {_kind_name(node)}"
+            self.report.error(node.line, node.col, "exports", message)
+            return []
+        if node.tag != _T_SEQ:
+            self.bad_tag(node, "exports")
+        if not node.items:
+            self.report.error(node.line, node.col, "exports", "expected at least one export")
+            return []
+        entries = []
+        for index, child in enumerate(node.items):
+            path = f"exports[{index}]"
+            if type(child) is not _Map:
+                self.report.error(
+                    child.line,
+                    child.col,
+                    path,
+                    f"expected a mapping with aoi_id and insight_id, got {_kind_name(child)}",
+                )
+                continue
+            if child.tag != _T_MAP:
+                self.bad_tag(child, path)
+            nodes = self.keys(child, path, _EXPORT)
+            values = self.values(nodes, _EXPORT, path)
+            if len(values) == len(nodes) and "aoi_id" in values and "insight_id" in values:
+                entries.append(_Entry(index, child, values))
+        return entries
+
+    def plan(
+        self,
+        entries: list[_Entry],
+        defaults: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
+        parts: tuple[_TemplatePart, ...],
+    ) -> tuple[ExportSpec, ...]:
+        """Apply defaults, render output paths, merge identical entries, find collisions."""
+        report = self.report
+        cache: dict[str, str] = {}
+        specs: list[ExportSpec] = []
+        firsts: list[_Entry] = []  # the entry behind each spec
+        by_path: dict[str, int] = {}
+        default_inputs, default_outputs = defaults
+        for entry in entries:
+            inputs = default_inputs if entry.inputs is None else entry.inputs
+            outputs = default_outputs if entry.outputs is None else entry.outputs
+            if inputs is None or outputs is None:
+                continue  # an invalid defaults list, reported already
+            label = f"exports[{entry.index}]"
+            if not inputs and not outputs:
+                report.error(
+                    entry.line,
+                    entry.col,
+                    label,
+                    "nothing selected: inputs and outputs are both empty (set them here or in "
+                    "defaults:)",
+                )
+                continue
+            name = entry.insight_id if entry.name is None else entry.name
+            relpath = _render(parts, (entry.aoi_id, entry.insight_id, name), cache)
+            problem = _relpath_problem(relpath)
+            if problem is not None:
+                report.error(entry.line, entry.col, label, problem)
+                continue
+            j = by_path.get(relpath)
+            if j is None:
+                by_path[relpath] = len(specs)
+                firsts.append(entry)
+                specs.append(
+                    ExportSpec(
+                        entry.aoi_id, entry.insight_id, inputs, outputs, name, relpath, entry.line
+                    )
+                )
+                continue
+            other, first = specs[j], firsts[j]
+            where = f"exports[{first.index}] (line {first.line})"
+            if (other.aoi_id, other.insight_id, other.inputs, other.outputs, other.name) == (
+                entry.aoi_id,
+                entry.insight_id,
+                inputs,
+                outputs,
+                name,
+            ):
+                report.warning(
+                    entry.line, entry.col, label, f"identical to {where}; merged into it"
+                )
+            else:
+                report.error(
+                    entry.line,
+                    entry.col,
+                    label,
+                    f"output path {_quote(relpath)} is also the output path of {where}; set a "
+                    "distinct name or change output.path",
+                )
+        self.collisions(specs, firsts)
+        return tuple(specs)
+
+    def collisions(self, specs: list[ExportSpec], firsts: list[_Entry]) -> None:
+        """Report paths that are folders of others or ``.part`` names; warn on case-only clashes."""
+        for i, j, kind in _path_conflicts([spec.relpath for spec in specs]):
+            entry, other = firsts[i], firsts[j]
+            label = f"exports[{entry.index}]"
+            shown = _quote(specs[i].relpath)
+            where = f"exports[{other.index}] (line {other.line})"
+            if kind == "case":
+                self.report.warning(
+                    entry.line,
+                    entry.col,
+                    label,
+                    f"output path {shown} differs from that of {where} only in letter case or "
+                    "Unicode form; they collide on case-insensitive file systems (macOS, Windows)",
+                )
+                continue
+            message = {
+                "folder": f"output path {shown} is a folder in the output path of {where}",
+                "part-folder": f"the download file {shown}.part is a folder in the output path "
+                f"of {where}",
+                "part": f"output path {shown} is the download file (.part) of {where}",
+            }[kind]
+            self.report.error(entry.line, entry.col, label, message)
+
 
 _YAML11_TAGS: Final = frozenset({_T_INT, _T_FLOAT, _T_BOOL, _T_NULL, _T_TIMESTAMP, _T_STR})
+_MERGE_KEY_MESSAGE: Final = (
+    "YAML merge keys (<<) are not supported; use defaults: for shared inputs/outputs, or an alias "
+    "(*name) for a whole value"
+)

@@ -773,6 +773,36 @@ def test_api_values_are_never_echoed(body: str, message: str) -> None:
     assert ": api." in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (f"api: {SECRET}", "m.yaml:2:6: api: expected a mapping, got a string"),
+        (
+            f"api:\n  url: !{SECRET} x",
+            "m.yaml:3:8: api.url: expected a string, got a value tagged (not shown)",
+        ),
+        (
+            f"api:\n  ready_statuses: !{SECRET} [a]",
+            "m.yaml:3:19: api.ready_statuses: unexpected explicit tag (not shown); remove it",
+        ),
+        (
+            f"api: !{SECRET} {{url: https://x}}",
+            "m.yaml:2:6: api: unexpected explicit tag (not shown); remove it",
+        ),
+    ],
+)
+def test_api_section_shapes_are_not_echoed(body: str, expected: str) -> None:
+    assert only_problem(f"version: 1\n{body}\n{MINIMAL[11:]}") == expected
+
+
+def test_key_env_and_key_file_together() -> None:
+    text = f"version: 1\napi:\n  key_env: K\n  key_file: /run/k\n{MINIMAL[11:]}"
+    assert only_problem(text) == (
+        "m.yaml:4:13: api.key_file: set api.key_env or api.key_file, not both: the key must have "
+        "one source"
+    )
+
+
 def test_api_url_accepted_forms() -> None:
     def url(raw: str) -> str | None:
         return parse(f"version: 1\napi:\n  url: {raw}\n{MINIMAL[11:]}").api.url

@@ -306,8 +306,9 @@ def load_manifest(path: Path) -> Manifest:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
         line = data.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        col = len(data[line_start : exc.start].decode("utf-8", "replace")) + 1
         raise ManifestError(
             [
                 f"{path}:{line}:{col}: (document): the manifest is not UTF-8 text "
@@ -568,11 +569,14 @@ _Node = _Scalar | _Seq | _Map
 
 
 class _Composed:
-    __slots__ = ("own", "root")
+    __slots__ = ("biggest_alias", "own", "root")
 
-    def __init__(self, root: _Node | None, own: int) -> None:
+    def __init__(
+        self, root: _Node | None, own: int, biggest_alias: tuple[int, int, int] = (0, 1, 1)
+    ) -> None:
         self.root = root
         self.own = own  # nodes written in the document (aliases not counted)
+        self.biggest_alias = biggest_alias  # (expanded size, line, column) of the largest alias
 
 
 @contextmanager
@@ -592,12 +596,14 @@ def _parse_yaml(text: str, report: _Report) -> _Node | None:
     bad = _NOT_PRINTABLE.search(text)
     if bad is not None:
         line, col = _line_col(text, bad.start())
+        code = ord(bad.group())
+        escape = f"\\u{code:04X}" if code < 0x10000 else f"\\U{code:08X}"
         report.error(
             line,
             col,
             "",
-            f"character U+{ord(bad.group()):04X} is not allowed in YAML text; "
-            'write it as an escape inside a double-quoted string ("\\x07")',
+            f"character U+{code:04X} is not allowed in YAML text; write it as an escape inside "
+            f'a double-quoted string ("{escape}")',
         )
         return None
     loader = _LOADER(text)
@@ -617,9 +623,10 @@ def _parse_yaml(text: str, report: _Report) -> _Node | None:
     if root is not None and not isinstance(root, _Scalar):
         extra = root.size - composed.own
         if extra > MAX_ALIAS_EXPANSION:
+            _, line, col = composed.biggest_alias
             report.error(
-                root.line,
-                root.col,
+                line,
+                col,
                 "",
                 f"aliases would expand the document by {_count(extra)} nodes beyond its own "
                 f"{_count(composed.own)} (the limit is {MAX_ALIAS_EXPANSION:,}): a YAML bomb? "
@@ -649,6 +656,7 @@ def _compose(loader: Any, report: _Report) -> _Composed:
     root: _Node | None = None
     written = 0  # children of closed collections, aliases included
     aliases = 0
+    biggest = (0, 1, 1)
     documents = 0
     node: _Node
     while True:
@@ -718,6 +726,8 @@ def _compose(loader: Any, report: _Report) -> _Composed:
                 report.error(mark.line + 1, mark.column + 1, "", message)
                 target = _Scalar(_T_NULL, "", None, mark.line + 1, mark.column + 1)
             aliases += 1
+            if not isinstance(target, _Scalar) and target.size > biggest[0]:
+                biggest = (target.size, mark.line + 1, mark.column + 1)
             if parent is None:
                 root = target
             else:
@@ -737,7 +747,7 @@ def _compose(loader: Any, report: _Report) -> _Composed:
                 return _Composed(None, 0)
         elif kind is StreamEndEvent:
             own = 0 if root is None else written + 1 - aliases  # nodes written, aliases not
-            return _Composed(root, own)
+            return _Composed(root, own, biggest)
         # else: StreamStartEvent, DocumentEndEvent
 
 
@@ -784,11 +794,24 @@ def _count(number: int) -> str:
 
 
 def _kind_name(node: _Node) -> str:
-    if type(node) is _Map:
+    """Name what a node is, never echoing its value: ``a list``, ``a string``, ``nothing``..."""
+    if isinstance(node, _Map):
         return "a mapping"
-    if type(node) is _Seq:
+    if isinstance(node, _Seq):
         return "a list"
-    return "a string" if node.tag == _T_STR else "a scalar"
+    if node.style is not None:
+        return "a string" if node.tag == _T_STR else "a tagged value"
+    return _SCALAR_KINDS.get(node.tag, "a tagged value")
+
+
+_SCALAR_KINDS: Final = {
+    _T_STR: "a string",
+    _T_INT: "a number",
+    _T_FLOAT: "a number",
+    _T_BOOL: "a boolean",
+    _T_NULL: "nothing",
+    _T_TIMESTAMP: "a date",
+}
 
 
 def _reading(node: _Scalar) -> str:

@@ -528,7 +528,7 @@ def test_empty_sections_are_fine() -> None:
     m = parse(f"version: 1\napi:\nlimits:\noutput:\ndefaults:\n{MINIMAL[11:]}")
     assert m.limits == manifest_module.LimitSettings()
     assert only_problem(f"version: 1\nlimits: 3\n{MINIMAL[11:]}") == (
-        "m.yaml:2:9: limits: expected a mapping, got a scalar"
+        "m.yaml:2:9: limits: expected a mapping, got a number"
     )
 
 
@@ -561,7 +561,7 @@ def test_version_and_exports_are_required() -> None:
     ("raw", "message"),
     [
         ("[]", "m.yaml:2:10: exports: expected at least one export"),
-        ("", "m.yaml:2:9: exports: expected a list of exports, got a scalar"),
+        ("", "m.yaml:2:9: exports: expected a list of exports, got nothing"),
         ("{a: 1}", "m.yaml:2:10: exports: expected a list of exports, got a mapping"),
         (
             "[x]",
@@ -1227,7 +1227,10 @@ def test_syntax_error_line_shape() -> None:
 def test_control_character_in_the_text() -> None:
     assert only_problem("version: 1\x07\n") == (
         "m.yaml:1:11: (document): character U+0007 is not allowed in YAML text; write it as an "
-        'escape inside a double-quoted string ("\\x07")'
+        'escape inside a double-quoted string ("\\u0007")'
+    )
+    assert only_problem("version: 1\nexports:\n  - é\x00\n").startswith(
+        "m.yaml:3:6: (document): character U+0000 is not allowed"
     )
 
 
@@ -1259,7 +1262,8 @@ def test_billion_laughs_is_rejected(loader: str) -> None:
         prev, cur = chr(ord("a") + n - 1), chr(ord("a") + n)
         levels.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
     line = only_problem("\n".join(levels) + "\n")
-    assert line.startswith("m.yaml:1:1: (document): aliases would expand the document by ")
+    # reported at the alias that expands most: the first *i of the last line
+    assert line.startswith("m.yaml:10:8: (document): aliases would expand the document by ")
     assert "(the limit is 100,000): a YAML bomb?" in line
 
 
@@ -1336,6 +1340,10 @@ def test_not_utf8(tmp_path: Path) -> None:
         f"{path}:3:14: (document): the manifest is not UTF-8 text (byte 0xE9 cannot be decoded); "
         "save it as UTF-8"
     ]
+    path.write_bytes(b"version: 1\n# \xc3\xa9\xff\n")  # the column counts characters
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert info.value.problems[0].startswith(f"{path}:2:4: (document): the manifest is not UTF-8")
 
 
 def test_bom_and_crlf_are_fine(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from batch_export.report import (
     write_report,
 )
 from batch_export.runner import Outcome, Runner, RunResult, Settings
-from batch_export.store import MemoryStore
+from batch_export.store import SqliteStore
 from batch_export.urls import url_refusal
 
 __all__ = [
@@ -158,6 +158,13 @@ def resolve_api_key(manifest: Manifest, environ: dict[str, str] | None = None) -
     return key
 
 
+def _counts(result: RunResult) -> dict[str, int]:
+    return {
+        "total": len(result.jobs),
+        **{str(outcome): result.count(outcome) for outcome in Outcome},
+    }
+
+
 def _read_key_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -235,21 +242,29 @@ def _run_locked(
     progress = options.progress if options.progress is not None else sys.stderr.isatty()
     specs = select_shard(manifest.exports, options.shard)
     observer = ConsoleObserver(total=len(specs), progress=progress and options.verbosity >= 0)
-    store = MemoryStore()
-    runner = Runner(
-        settings,
-        specs,
-        api_key=api_key,
-        store=store,
-        observer=observer,
-        redactor=redactor,
-        max_runtime=options.max_runtime,
-        handle_signals=True,
-    )
 
     async def main() -> RunResult:
-        with observer.live():
-            return await runner.run()
+        store = await SqliteStore.open(settings.state_dir)
+        try:
+            await store.record_run_start(run_id, started_at, os.getpid())
+            runner = Runner(
+                settings,
+                specs,
+                api_key=api_key,
+                store=store,
+                observer=observer,
+                redactor=redactor,
+                max_runtime=options.max_runtime,
+                handle_signals=True,
+            )
+            with observer.live():
+                result = await runner.run()
+            with anyio.CancelScope(shield=True):
+                await store.record_run_end(run_id, time.time(), result.exit_code, _counts(result))
+            return result
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.close()
 
     result = anyio.run(main)
     exit_code = result.exit_code

@@ -15,7 +15,7 @@ import click
 
 from batch_export import __version__
 from batch_export.app import RunOptions, execute_run, plan_lines
-from batch_export.errors import ManifestError
+from batch_export.errors import BatchExportError, ManifestError
 from batch_export.manifest import Manifest, load_manifest
 from batch_export.sandbox.cli import sandbox_command
 from batch_export.units import parse_duration
@@ -230,6 +230,36 @@ def demo(out: Path, progress: bool | None) -> None:
         f"packages are in {out.absolute()} (report under {out.absolute()}/.batch-export/reports)"
     )
     sys.exit(code)
+
+
+@main.command(context_settings=_CONTEXT)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The output root a run used (its state store is <out>/.batch-export) [default: exports].",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The state dir a run used (if it was given --state-dir).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(out: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """Show job states, failures with reasons, and the last runs from the state store.
+
+    Reads only; safe while a run is going on.
+    """
+    from batch_export.status import read_status, render_status
+
+    if out is not None and state_dir is not None:
+        raise click.UsageError("give --out or --state-dir, not both")
+    directory = state_dir if state_dir is not None else (out or Path("exports")) / ".batch-export"
+    try:
+        doc = read_status(directory)
+    except BatchExportError as exc:
+        click.echo(f"batch-export: {exc.message}", err=True)
+        sys.exit(2)
+    render_status(doc, as_json=as_json)
 
 
 main.add_command(sandbox_command)

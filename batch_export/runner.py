@@ -162,8 +162,11 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """The exit code (SPEC §2): 130/143 on a signal, 3 when stopped by the time budget with
-        jobs left, 1 when a job failed (or was left pending), 0 when every job is done."""
+        """The exit code (SPEC §2).
+
+        130/143 on a signal, 3 when stopped by the time budget with jobs left, 1 when a job failed
+        (or was left pending), 0 when every job is done.
+        """
         pending = any(job.outcome is Outcome.PENDING for job in self.jobs)
         if self.stopped_by == "SIGINT":
             return 130
@@ -345,10 +348,11 @@ class Runner:
 
     async def _prepare_jobs(self) -> None:
         """Load or create each job's record and decide what this run must do with it."""
-        for spec in self.specs:
-            key = job_key(spec)
+        keys = [job_key(spec) for spec in self.specs]
+        stored = await self._store.load_many(keys)
+        for spec, key in zip(self.specs, keys, strict=True):
             final = self.settings.out_dir / spec.relpath
-            record = await self._store.load(key) or JobRecord(
+            record = stored.get(key) or JobRecord(
                 key=key,
                 aoi_id=spec.aoi_id,
                 insight_id=spec.insight_id,

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from batch_export.redact import Redactor, RedactingFilter, redact_url
+from batch_export.redact import RedactingFilter, Redactor, redact_url
 from batch_export.units import parse_duration
 from batch_export.urls import is_loopback_host, url_refusal
 

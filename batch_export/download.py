@@ -25,6 +25,7 @@ import aiohttp
 import anyio
 from yarl import URL
 
+from batch_export.api import parse_retry_after
 from batch_export.clock import Clock
 from batch_export.errors import (
     JobError,
@@ -128,8 +129,24 @@ class _PartSink:
         return self._sha.hexdigest(), self._md5.hexdigest()
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
-        self._file.close()
+        """Close the file (idempotent; never raises).
+
+        After :meth:`finish` there is nothing left to flush. On a failed transfer a flush error
+        here (disk full again) only loses bytes at the end; what is on disk stays a prefix.
+        """
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+    def discard_if_empty(self) -> None:
+        """Remove the ``.part`` if no byte was ever written to it (nothing to resume)."""
+        if self.size == 0:
+            self.close()
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
 
 
 @dataclass(slots=True)
@@ -185,7 +202,7 @@ class Downloader:
         etag: str | None,
         job_key: str,
         url_expired: Callable[[], bool],
-        on_attempt: Callable[[int, str | None], Awaitable[None]],
+        on_attempt: Callable[[int, str | None, int | None], Awaitable[None]],
         on_bytes: Callable[[int], None] = lambda n: None,
     ) -> Transfer:
         """Stream ``url`` into ``part``, resuming it when ``etag`` says its bytes are still valid.
@@ -196,7 +213,7 @@ class Downloader:
             etag: ETag of the bytes already in ``part`` (``None``: start from 0).
             job_key: for error attribution.
             url_expired: returns True when the URL is known to be expired (checked before retries).
-            on_attempt: awaited with ``(offset, etag)`` once a response is accepted, before its
+            on_attempt: awaited with ``(offset, etag, total bytes or None)`` once a response is accepted, before its
                 body is written, so the caller can record the state and the ETag.
             on_bytes: called with each piece's size in bytes (progress).
 
@@ -233,7 +250,9 @@ class Downloader:
                         ) from None
                     if exc.restart:
                         state.etag = None
-                    if exc.delay:
+                    if exc.retry_after is not None:  # the server's own wait, 0-900 s
+                        await self._clock.sleep(exc.retry_after)
+                    elif exc.delay:
                         await self._clock.sleep(
                             backoff_delay(
                                 failures - 1,
@@ -251,6 +270,11 @@ class Downloader:
                 except JobError as exc:
                     exc.job_key = job_key
                     raise
+        except BaseException:
+            if holder.sink is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(holder.sink.discard_if_empty)
+            raise
         finally:
             if holder.sink is not None:
                 with anyio.CancelScope(shield=True):  # flush what we have for a later resume
@@ -266,6 +290,8 @@ class Downloader:
         except FileNotFoundError:
             state.etag = None
             return 0
+        except OSError as exc:
+            raise _local_io_error(exc, "") from None
 
     async def _attempt(
         self,
@@ -274,7 +300,7 @@ class Downloader:
         state: Transfer,
         holder: _SinkHolder,
         offset: int,
-        on_attempt: Callable[[int, str | None], Awaitable[None]],
+        on_attempt: Callable[[int, str | None, int | None], Awaitable[None]],
         on_bytes: Callable[[int], None],
     ) -> _PartSink:
         headers = {"Accept-Encoding": "identity"}
@@ -291,8 +317,14 @@ class Downloader:
                 elif holder.sink.size != start:
                     await _local(holder.sink.reset)
                 sink = holder.sink
-                await on_attempt(start, state.etag)
+                await on_attempt(start, state.etag, state.expected_size)
                 await self._stream(resp, sink, on_bytes)
+                if state.expected_size is not None and sink.size > state.expected_size:
+                    raise _Retry(
+                        f"storage sent {sink.size} bytes of a {state.expected_size}-byte entity",
+                        code="too_long",
+                        restart=True,
+                    )
                 if state.expected_size is not None and sink.size != state.expected_size:
                     raise _Retry(
                         f"storage sent {sink.size} of {state.expected_size} bytes",
@@ -328,7 +360,10 @@ class Downloader:
             )
         if status >= 500 or status in (408, 429):
             raise _Retry(
-                f"storage answered HTTP {status}", code=f"http_{status}", http_status=status
+                f"storage answered HTTP {status}",
+                code=f"http_{status}",
+                http_status=status,
+                retry_after=parse_retry_after(resp.headers, now=self._clock.wall()),
             )
         if status not in (200, 206):
             raise StorageError(
@@ -343,21 +378,15 @@ class Downloader:
             )
         etag = resp.headers.get("ETag")
         if status == 206:
-            match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if (
-                not match
-                or int(match.group(1)) != offset
-                or offset == 0
-                or etag != state.etag
-                or match.group(3) == "*"
-            ):
+            total = _fitting_range(resp, offset, etag, state)
+            if total is None:
                 raise _Retry(
                     "storage answered a Range that does not fit the .part",
                     code="bad_range",
                     restart=True,
                     delay=False,
                 )
-            state.expected_size = int(match.group(3))
+            state.expected_size = total
             state.expected_md5 = _promised_md5(resp, full=False)
             state.resumed_from = offset
             return offset
@@ -365,7 +394,8 @@ class Downloader:
         length = resp.headers.get("Content-Length")
         state.expected_size = int(length) if length and length.isdigit() else None
         state.expected_md5 = _promised_md5(resp, full=True)
-        state.etag = etag
+        # Only a strong validator makes a later Range resume safe (RFC 9110 §13.1.5).
+        state.etag = etag if etag and not etag.startswith("W/") else None
         state.resumed_from = 0
         return 0
 
@@ -388,6 +418,31 @@ class Downloader:
                 with anyio.CancelScope(shield=True):  # also when a stop cancels us
                     await _local(sink.write, bytes(buffer))
                 on_bytes(len(buffer))
+
+
+def _fitting_range(
+    resp: aiohttp.ClientResponse, offset: int, etag: str | None, state: Transfer
+) -> int | None:
+    """Return the entity size a 206 announces if it continues the ``.part`` exactly, else None.
+
+    It must answer a Range we sent (``offset`` > 0) for the entity we hold (same strong ETag),
+    start at ``offset``, end inside its total, agree with its own ``Content-Length``, and name
+    the same total as the answer that began the ``.part`` (when that one is known).
+    """
+    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+    if not match or match.group(3) == "*" or offset == 0:
+        return None
+    if etag is None or etag != state.etag or etag.startswith("W/"):
+        return None
+    first, last, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    if first != offset or not first <= last < total:
+        return None
+    if state.expected_size is not None and total != state.expected_size:
+        return None
+    length = resp.headers.get("Content-Length")
+    if length is not None and (not length.isdigit() or int(length) != last - first + 1):
+        return None
+    return total
 
 
 class _RedirectingGet:
@@ -437,10 +492,12 @@ class _Retry(JobError):
         http_status: int | None = None,
         restart: bool = False,
         delay: bool = True,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message, code=code, http_status=http_status)
         self.restart = restart
         self.delay = delay
+        self.retry_after = retry_after
 
 
 def _promised_md5(resp: aiohttp.ClientResponse, *, full: bool) -> str | None:
@@ -534,6 +591,7 @@ def verify_package(part: Path, transfer: Transfer) -> None:
     Raises:
         VerificationError: ``size_mismatch``, ``md5_mismatch``, ``not_a_zip``, ``bad_zip`` or
             ``zip_crc``.
+        LocalIOError: the ``.part`` cannot be read.
     """
     if transfer.expected_size is not None and transfer.size != transfer.expected_size:
         raise VerificationError(
@@ -542,8 +600,11 @@ def verify_package(part: Path, transfer: Transfer) -> None:
         )
     if transfer.expected_md5 and transfer.md5 != transfer.expected_md5:
         raise VerificationError("MD5 of the bytes does not match the server's", code="md5_mismatch")
-    with open(part, "rb") as handle:
-        signature = handle.read(4)
+    try:
+        with open(part, "rb") as handle:
+            signature = handle.read(4)
+    except OSError as exc:
+        raise _local_io_error(exc, "") from None
     if signature not in _ZIP_SIGNATURES:
         raise VerificationError("the body is not a zip package", code="not_a_zip")
     try:
@@ -575,8 +636,14 @@ def commit_part(part: Path, final: Path) -> None:
 
 
 def discard_part(part: Path) -> None:
-    """Remove a ``.part`` (no error if it is gone)."""
+    """Remove a ``.part`` (no error if it is gone).
+
+    Raises:
+        LocalIOError: it is there and cannot be removed.
+    """
     try:
         part.unlink()
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise _local_io_error(exc, "") from None

@@ -116,6 +116,7 @@ class Job:
     started: float | None = None
     seconds: float = 0.0
     bytes_done: int = 0
+    bytes_total: int | None = None  # size of the package being downloaded, when announced
     outcome: Outcome = Outcome.PENDING
     recovering: bool = False  # left unfinished by a crashed run
 
@@ -478,8 +479,9 @@ class Runner:
         if job.record.state is not JobState.DOWNLOADING:
             await self._set(job, JobState.DOWNLOADING)
 
-        async def on_attempt(offset: int, etag: str | None) -> None:
+        async def on_attempt(offset: int, etag: str | None, total: int | None) -> None:
             job.bytes_done = offset
+            job.bytes_total = total
             await self._set(job, JobState.DOWNLOADING, part_etag=etag)
 
         def on_bytes(count: int) -> None:

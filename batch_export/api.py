@@ -227,12 +227,14 @@ class PixxelClient:
             async with self._session.put(
                 url, data=payload, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as resp:
-                body = await resp.content.read(_MAX_BODY + 1)
+                body = await _read_capped(resp)
                 status, resp_headers = resp.status, resp.headers
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.stats.count(0)
+            stalled = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
             raise _Retryable(
-                f"network error talking to the API: {_describe(exc)}", code="network_error"
+                f"network error talking to the API: {_describe(exc)}",
+                code="timeout" if stalled else "network_error",
             ) from None
         self.stats.count(status)
         local_now = self._clock.wall()
@@ -251,7 +253,36 @@ class PixxelClient:
         if status != 200:
             code, message = _error_envelope(body, status)
             raise ApiError(message, code=code, http_status=status, job_key=job_key)
+        if len(body) > _MAX_BODY:
+            raise _Retryable(
+                f"API answered 200 with more than {_MAX_BODY} bytes: not a status document",
+                code="bad_response",
+                http_status=200,
+            )
+        if resp_headers.get("Content-Type", "").lower().startswith("text/html"):
+            raise _Retryable(
+                "API answered 200 with an HTML page, not a status document",
+                code="html_body",
+                http_status=200,
+            )
         return _parse_status(body, server_now=server_now, local_now=local_now)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """Read the whole body, but no more than ``_MAX_BODY + 1`` bytes.
+
+    ``StreamReader.read(n)`` returns what has arrived so far, not n bytes: a status document
+    split across TCP segments would look truncated. A body that ends before its
+    ``Content-Length`` raises ``ClientPayloadError`` here (a network error, retried).
+    """
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > _MAX_BODY:
+            break
+    return b"".join(chunks)[: _MAX_BODY + 1]
 
 
 class _Throttled(Exception):

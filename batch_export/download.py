@@ -335,9 +335,13 @@ class Downloader:
             raise
         except JobError:
             raise
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise _Retry(
+                "no data from storage for read_timeout (stalled)", code="stalled"
+            ) from None
         except aiohttp.ClientPayloadError:
             raise _Retry("connection broke mid-body", code="truncated") from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             raise _Retry(
                 f"network error talking to storage: {_describe(exc)}", code="network_error"
             ) from None

@@ -787,7 +787,7 @@ def test_sandbox_imports_nothing_from_the_client_side() -> None:
 
     import batch_export.sandbox as package
 
-    allowed_roots = {"aiohttp", "click", "batch_export", *sys.stdlib_module_names}
+    allowed_roots = {"aiohttp", "click", "yaml", "batch_export", *sys.stdlib_module_names}
     for source in Path(package.__file__).parent.glob("*.py"):
         tree = ast.parse(source.read_text(), str(source))
         for node in ast.walk(tree):

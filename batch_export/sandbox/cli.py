@@ -7,10 +7,12 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import click
 
 from batch_export.sandbox.config import DEMO_KEY, VOCABULARIES, SandboxConfig
+from batch_export.sandbox.script import Fault, FaultScript
 from batch_export.sandbox.server import Sandbox, access_logger, loopback_host
 
 __all__ = ["sandbox_command"]
@@ -19,9 +21,17 @@ DEFAULT_PORT = 8765
 
 
 async def _serve(
-    config: SandboxConfig, host: str, port: int, storage_port: int, show_catalog: bool
+    config: SandboxConfig,
+    host: str,
+    port: int,
+    storage_port: int,
+    show_catalog: bool,
+    script: FaultScript | None = None,
+    script_path: Path | None = None,
 ) -> None:
     sandbox = Sandbox(config)
+    if script is not None:
+        sandbox.faults.add(script)
     await sandbox.start(host, port, storage_port)
     try:
         lines = [
@@ -30,6 +40,10 @@ async def _serve(
             f"  storage URL: {sandbox.storage_url}",
             *(f"  API key:     {key}" for key in config.keys),
         ]
+        if script is not None:
+            lines.append(
+                f"  faults:      {len(script.rules)} rule(s) from {script_path} (seed {script.seed})"
+            )
         if show_catalog:
             lines.append(f"  catalog (seed {config.seed}):")
             lines.extend(f"    {line}" for line in sandbox.catalog.describe().splitlines())
@@ -125,6 +139,22 @@ async def _serve(
     help="Signed URL lifetime in seconds (X-Amz-Expires).",
 )
 @click.option(
+    "--faults",
+    "faults_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help=(
+        "Fault script (JSON if it ends in .json, else YAML) to rehearse a run against a "
+        "misbehaving API: {seed: N, rules: [{origin: api|storage, fault: NAME, ...}]}. A rule "
+        "selects by aoi_id/insight_id and picks the nth (number or list), every k-th, or with "
+        "a seeded probability, at most 'times' times. Faults: "
+        + ", ".join(Fault)
+        + ". Parameters: status, empty_body, retry_after, retry_after_form "
+        "(seconds|date|garbage|none), after_bytes, stall_seconds, delta, lifetime, "
+        "content_type, filename. See batch_export/sandbox/script.py."
+    ),
+)
+@click.option(
     "--show-catalog/--no-show-catalog",
     default=True,
     show_default=True,
@@ -149,6 +179,7 @@ def sandbox_command(
     ready_after_puts: int,
     asset_size: int,
     url_lifetime: float,
+    faults_file: Path | None,
     show_catalog: bool,
     access_log: bool,
 ) -> None:
@@ -181,6 +212,12 @@ def sandbox_command(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    script = None
+    if faults_file is not None:
+        try:
+            script = FaultScript.load(faults_file)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--faults'") from exc
     if access_log:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
@@ -188,6 +225,6 @@ def sandbox_command(
         access_logger.setLevel(logging.INFO)
         access_logger.propagate = False
     try:
-        asyncio.run(_serve(config, host, port, storage_port, show_catalog))
+        asyncio.run(_serve(config, host, port, storage_port, show_catalog, script, faults_file))
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {host}: {exc.strerror or exc}") from exc

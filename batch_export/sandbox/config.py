@@ -81,10 +81,13 @@ class RecordedRequest:
         query: Raw query string exactly as received (no ``?``).
         headers: Every header as received, in order.
         body: Request body (bytes).
-        status: HTTP status sent (0 while the request is still being answered).
+        status: HTTP status sent (0 while the request is still being answered, and when the
+            connection was reset before any status line was sent).
         at: ``config.clock()`` when the request arrived (seconds since the epoch).
         response_body: Body of the answer when it was not streamed (JSON and XML answers; empty
             for package bytes).
+        fault: Name of the fault a hook injected into this request (see
+            :func:`~batch_export.sandbox.faults.note_fault`); ``""`` for none.
     """
 
     origin: str
@@ -96,6 +99,7 @@ class RecordedRequest:
     status: int
     at: float
     response_body: bytes = b""
+    fault: str = ""
 
     def header(self, name: str) -> str | None:
         """Return the first value of header ``name`` (case-insensitive), or ``None``."""

@@ -8,25 +8,103 @@ the faults set in :class:`~batch_export.sandbox.config.SandboxConfig` and is alw
 Hook points:
 
 * API, after the key and the rate limit passed: :meth:`FaultHook.api_response` may answer instead
-  (5xx, 429, HTML page …).
+  (5xx, 429, HTML page …), also with a :class:`ScriptedResponse` that breaks the connection.
 * API, permission: :meth:`FaultHook.denies`; package outcome: :meth:`FaultHook.fails`; signed URL
-  lifetime: :meth:`FaultHook.url_lifetime` (``config.url_lifetime`` is the starting value).
+  lifetime: :meth:`FaultHook.url_lifetime` (``config.url_lifetime`` is the starting value); a ready
+  answer without its URL: :meth:`FaultHook.withholds_url`.
 * Package content: :meth:`FaultHook.corrupts`.
-* Storage, after the signature was accepted: :meth:`FaultHook.storage_response` may answer instead;
-  :meth:`FaultHook.storage_plan` adjusts how the body is sent (:class:`StoragePlan`).
+* Storage, after the signature was accepted: :meth:`FaultHook.storage_response` may answer instead
+  (also with a :class:`ScriptedResponse`); :meth:`FaultHook.storage_plan` adjusts how the package
+  is sent (:class:`StoragePlan`: cuts, resets, stalls, lying headers).
+
+A hook that answers or alters a request may name what it did with :func:`note_fault`; the name is
+kept in :attr:`~batch_export.sandbox.config.RecordedRequest.fault`.
+
+:class:`~batch_export.sandbox.script.FaultScript` is a hook driven by rules (from Python, JSON or
+YAML) that covers every fault the sandbox knows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from batch_export.sandbox.config import SandboxConfig
 from batch_export.sandbox.packages import Selection
 
-__all__ = ["ApiContext", "ConfigFaults", "FaultHook", "Faults", "StorageContext", "StoragePlan"]
+__all__ = [
+    "FAULT_KEY",
+    "Answer",
+    "ApiContext",
+    "ConfigFaults",
+    "Ending",
+    "FaultHook",
+    "Faults",
+    "ScriptedResponse",
+    "StorageContext",
+    "StoragePlan",
+    "note_fault",
+]
+
+FAULT_KEY = web.RequestKey("sandbox_fault", str)
+"""Request key under which a hook names the fault it injected (see :func:`note_fault`)."""
+
+
+def note_fault(request: web.Request, name: str) -> None:
+    """Record that fault ``name`` was injected into ``request`` (kept in the request record)."""
+    request[FAULT_KEY] = name
+
+
+class Ending(enum.StrEnum):
+    """How a connection ends after a body was cut short."""
+
+    CLOSE = "close"
+    """A clean close (FIN) once the bytes sent so far are flushed."""
+    RESET = "reset"
+    """An abort with ``SO_LINGER`` 0: the peer gets a TCP RST (``ECONNRESET``)."""
+    STALL = "stall"
+    """Nothing more for ``stall_seconds`` (or until the client leaves), then a clean close."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptedResponse:
+    """An answer the server writes by hand, so that it can break HTTP on the way.
+
+    Attributes:
+        status: Status line code.
+        headers: Headers to send (``Date`` is added unless given).
+        body: The body the headers describe.
+        reset_before_headers: Send nothing at all: reset the connection (TCP RST) at once.
+        cut_after_bytes: Send only this many body bytes, then end the connection as ``ending``
+            says; ``None`` sends the whole body.
+        ending: How the connection ends after a cut (:class:`Ending`).
+        stall_seconds: For :attr:`Ending.STALL`: how long to hold the connection silent (seconds).
+        length_delta: ``Content-Length`` announces ``len(body) + length_delta`` bytes (at least
+            0). More than the body: the body is sent, then the connection ends as ``ending`` says.
+            Less: only the announced bytes are sent.
+        chunked: Use chunked transfer coding (no ``Content-Length``); with a cut the body ends
+            cleanly (a proper last chunk) after ``cut_after_bytes``.
+        retry_after_date: Send ``Retry-After`` as an HTTP date this many seconds after a ``Date``
+            header written from the same (whole-second) instant of the sandbox clock.
+    """
+
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    reset_before_headers: bool = False
+    cut_after_bytes: int | None = None
+    ending: Ending = Ending.CLOSE
+    stall_seconds: float = 0.0
+    length_delta: int = 0
+    chunked: bool = False
+    retry_after_date: float | None = None
+
+
+Answer = web.StreamResponse | ScriptedResponse
+"""What a hook may answer instead of the sandbox: an aiohttp response or a scripted one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +117,7 @@ class ApiContext:
         aoi_id: AOI id from the path.
         insight_id: Insight id from the path.
         number: 1-based count of API requests that reached this hook point.
+        body: The request body as received (bytes).
     """
 
     request: web.Request
@@ -46,6 +125,7 @@ class ApiContext:
     aoi_id: str
     insight_id: str
     number: int
+    body: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,16 +151,41 @@ class StoragePlan:
 
     Attributes:
         cut_after_bytes: Send the headers (full ``Content-Length``), this many body bytes, then
-            close the connection; ``None`` sends the whole body.
+            end the connection as ``ending`` says; ``None`` sends the whole body.
+        cut_fraction: Like ``cut_after_bytes``, as a fraction (0–1) of the bytes this answer
+            would send; used when ``cut_after_bytes`` is ``None``.
+        ending: How the connection ends after a cut or an over-long ``Content-Length``.
+        stall_seconds: For :attr:`Ending.STALL`: seconds of silence before the close.
+        length_delta: ``Content-Length`` announces this many bytes more (or fewer, if negative)
+            than the body has; only the announced bytes are ever sent.
+        chunked: Chunked transfer coding, no ``Content-Length``; a cut then ends the body
+            cleanly with a last chunk, so nothing at the HTTP level says it is short.
+        ignore_range: Answer 200 with the whole body even to a ``Range`` request.
+        range_start: Answer 206 with the bytes from this offset, whatever was asked (also to a
+            request without ``Range``).
+        range_total_delta: Add this to the total in ``Content-Range`` (a 206 lying about the
+            entity size).
+        etag: Send this ``ETag`` instead of the package's MD5; ``""`` sends none.
+        headers: Extra headers (e.g. a hostile ``Content-Disposition``).
     """
 
     cut_after_bytes: int | None = None
+    cut_fraction: float | None = None
+    ending: Ending = Ending.CLOSE
+    stall_seconds: float = 0.0
+    length_delta: int = 0
+    chunked: bool = False
+    ignore_range: bool = False
+    range_start: int | None = None
+    range_total_delta: int = 0
+    etag: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class FaultHook:
     """Base class of fault hooks; every method is a no-op, override the points you need."""
 
-    def api_response(self, ctx: ApiContext) -> web.StreamResponse | None:
+    def api_response(self, ctx: ApiContext) -> Answer | None:
         """Return a response to send instead of handling the PUT, or ``None``."""
         return None
 
@@ -100,7 +205,11 @@ class FaultHook:
         """Return the lifetime (seconds) of the signed URL about to be issued for ``selection``."""
         return lifetime
 
-    def storage_response(self, ctx: StorageContext) -> web.StreamResponse | None:
+    def withholds_url(self, selection: Selection) -> bool:
+        """Return ``True`` to send this ready answer with an empty ``signed_url``."""
+        return False
+
+    def storage_response(self, ctx: StorageContext) -> Answer | None:
         """Return a response to send instead of the package, or ``None``."""
         return None
 
@@ -155,7 +264,7 @@ class Faults:
         """Uninstall ``hook``."""
         self.hooks.remove(hook)
 
-    def api_response(self, ctx: ApiContext) -> web.StreamResponse | None:
+    def api_response(self, ctx: ApiContext) -> Answer | None:
         """First non-``None`` answer of the hooks."""
         for hook in self.hooks:
             response = hook.api_response(ctx)
@@ -181,7 +290,12 @@ class Faults:
             lifetime = hook.url_lifetime(selection, lifetime)
         return lifetime
 
-    def storage_response(self, ctx: StorageContext) -> web.StreamResponse | None:
+    def withholds_url(self, selection: Selection) -> bool:
+        """Whether any hook withholds the URL of this ready answer (every hook is asked)."""
+        answers = [hook.withholds_url(selection) for hook in self.hooks]
+        return any(answers)
+
+    def storage_response(self, ctx: StorageContext) -> Answer | None:
         """First non-``None`` answer of the hooks."""
         for hook in self.hooks:
             response = hook.storage_response(ctx)

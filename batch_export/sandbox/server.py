@@ -41,10 +41,13 @@ from aiohttp.typedefs import Handler, Middleware
 from batch_export.sandbox.catalog import Catalog
 from batch_export.sandbox.config import RecordedRequest, SandboxConfig
 from batch_export.sandbox.faults import (
+    FAULT_KEY,
     ApiContext,
     ConfigFaults,
     Faults,
+    ScriptedResponse,
     StorageContext,
+    StoragePlan,
 )
 from batch_export.sandbox.packages import (
     CHUNK_SIZE,
@@ -54,13 +57,14 @@ from batch_export.sandbox.packages import (
     variant_name,
 )
 from batch_export.sandbox.signing import UrlSigner, Verdict
+from batch_export.sandbox.wire import DATE_KEY, STATUS_KEY, end_connection, send_scripted
 
 __all__ = ["RedactingAccessLogger", "Sandbox", "loopback_host"]
 
 API_PATH = "/v0/aoi/{aoi_id}/insights/{insight_id}/download"
 _MAX_PARALLEL_BUILDS = 4
 _EPSILON = 1e-6  # float slack: wall-clock seconds near 1.8e9 carry ~2e-7 s of rounding
-_STATUS = web.RequestKey("sandbox_status", int)
+_STATUS = STATUS_KEY
 
 access_logger = logging.getLogger("batch_export.sandbox.access")
 
@@ -397,13 +401,16 @@ class Sandbox:
             except web.HTTPException as exc:
                 response = sandbox._http_error(origin, exc)
             finally:
-                status = request.get(_STATUS) or (response.status if response is not None else 500)
+                status = request.get(_STATUS)
+                if status is None:
+                    status = response.status if response is not None else 500
                 answer = response.body if isinstance(response, web.Response) else None
                 final = dataclasses.replace(
                     entry,
                     body=body,
                     status=status,
                     response_body=answer if isinstance(answer, bytes) else b"",
+                    fault=request.get(FAULT_KEY, ""),
                 )
                 sandbox._replace_record(entry, final)
             return response
@@ -429,7 +436,8 @@ class Sandbox:
         return response
 
     async def _on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        response.headers["Date"] = _http_date(self.config.clock())
+        # A fault may set its own Date (e.g. to pair it exactly with a Retry-After date).
+        response.headers["Date"] = request.get(DATE_KEY) or _http_date(self.config.clock())
         request[_STATUS] = response.status
 
     # -- API origin ----------------------------------------------------------------------------
@@ -480,8 +488,12 @@ class Sandbox:
         aoi_id = request.match_info["aoi_id"]
         insight_id = request.match_info["insight_id"]
         self._api_requests += 1
-        ctx = ApiContext(request, key, aoi_id, insight_id, self._api_requests)
+        ctx = ApiContext(
+            request, key, aoi_id, insight_id, self._api_requests, body=await request.read()
+        )
         injected = self.faults.api_response(ctx)
+        if isinstance(injected, ScriptedResponse):
+            return await send_scripted(request, injected, now=self.config.clock())
         if injected is not None:
             return injected
 
@@ -581,6 +593,8 @@ class Sandbox:
             status = first if state.puts == 1 else later
         elif self.faults.fails(selection):
             status = failed
+        elif self.faults.withholds_url(selection):
+            status = ready  # ready, but signed_url stays ""
         else:
             await self._ensure_built(selection)
             package_id = selection.package_id
@@ -644,23 +658,33 @@ class Sandbox:
         self._storage_gets[package_id] = attempt
         ctx = StorageContext(request, package_id, selection, attempt)
         injected = self.faults.storage_response(ctx)
+        if isinstance(injected, ScriptedResponse):
+            return await send_scripted(request, injected, now=self.config.clock())
         if injected is not None:
             return injected
         plan = self.faults.storage_plan(ctx)
         built = await self._ensure_built(selection)
         state = self._packages.get(selection)
         last_modified = _http_date(state.ready_at if state and state.ready_at else now)
+        return await self._send_package(request, built, last_modified, plan)
 
+    async def _send_package(
+        self, request: web.Request, built: BuiltPackage, last_modified: str, plan: StoragePlan
+    ) -> web.StreamResponse:
+        """Answer 200/206/416 with the package bytes, departing from HTTP as ``plan`` says."""
+        etag = built.etag if plan.etag is None else plan.etag
         headers = {
             "Content-Type": "application/zip",
-            "ETag": built.etag,
             "Accept-Ranges": "bytes",
             "Last-Modified": last_modified,
         }
+        if etag:
+            headers["ETag"] = etag
+        headers.update(plan.headers)
         total = built.size
         first, last = 0, total - 1
         status = 200
-        range_header = request.headers.get("Range")
+        range_header = None if plan.ignore_range else request.headers.get("Range")
         if_range = request.headers.get("If-Range")
         if range_header is not None and (
             if_range is None or if_range in (built.etag, last_modified)
@@ -676,21 +700,35 @@ class Sandbox:
             if wanted is not None:
                 first, last = wanted
                 status = 206
-                headers["Content-Range"] = f"bytes {first}-{last}/{total}"
+        if plan.range_start is not None:
+            first, last, status = min(plan.range_start, max(0, total - 1)), total - 1, 206
+        if status == 206:
+            headers["Content-Range"] = f"bytes {first}-{last}/{total + plan.range_total_delta}"
 
         response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = last - first + 1
-        await response.prepare(request)
-        to_send = last - first + 1
-        cut = plan.cut_after_bytes is not None and plan.cut_after_bytes < to_send
-        if cut and plan.cut_after_bytes is not None:
-            to_send = max(0, plan.cut_after_bytes)
+        count = last - first + 1
+        announced = max(0, count + plan.length_delta)
+        to_send = count
+        if plan.chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = announced
+            to_send = min(count, announced)
+        cut_after = plan.cut_after_bytes
+        if cut_after is None and plan.cut_fraction is not None:
+            cut_after = int(to_send * plan.cut_fraction)
+        cut = cut_after is not None and cut_after < to_send
+        if cut and cut_after is not None:
+            to_send = max(0, cut_after)
         try:
+            await response.prepare(request)
             await self._stream(response, built, first, to_send)
         except ConnectionError:
             return response  # the client went away; nothing more to send
-        if cut and request.transport is not None:
-            request.transport.close()  # flushes what was written, then closes: a short body
+        if plan.chunked:
+            return response  # aiohttp ends the chunked body cleanly, however short it is
+        if cut or announced > to_send:
+            await end_connection(request, plan.ending, plan.stall_seconds)
         return response
 
     @staticmethod

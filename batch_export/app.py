@@ -19,16 +19,13 @@ import anyio
 from batch_export.errors import BatchExportError, UsageError
 from batch_export.lifecycle import StatusVocabulary, job_key, shard_of
 from batch_export.lock import StateLock
+from batch_export.logs import configure_logging
 from batch_export.manifest import ExportSpec, Manifest
+from batch_export.metrics import write_metrics
+from batch_export.progress import FanOut, LogObserver, ProgressDisplay
 from batch_export.redact import Redactor
-from batch_export.report import (
-    ConsoleObserver,
-    build_report,
-    configure_logging,
-    new_run_id,
-    write_report,
-)
-from batch_export.runner import Outcome, Runner, RunResult, Settings
+from batch_export.report import build_report, new_run_id, write_report
+from batch_export.runner import Outcome, Runner, RunObserver, RunResult, Settings
 from batch_export.store import SqliteStore
 from batch_export.urls import url_refusal
 
@@ -65,6 +62,8 @@ class RunOptions:
     allow_http: bool = False
     max_runtime: float | None = None  # seconds
     shard: tuple[int, int] | None = None  # (K, N): only jobs with int(key[:16], 16) % N == K
+    log_format: str = "text"  # or "json"
+    metrics_file: Path | None = None
     api_key: str | None = None  # given directly (demo); otherwise from the environment
 
 
@@ -86,7 +85,14 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
         out_dir = manifest.output.dir
     else:
         out_dir = manifest.path.absolute().parent / "exports"
-    state_dir = options.state_dir.absolute() if options.state_dir else out_dir / ".batch-export"
+    if options.state_dir:
+        state_dir = options.state_dir.absolute()
+    elif options.shard:  # each shard its own state dir (and lock), so shards can share an --out
+        state_dir = (
+            out_dir / ".batch-export" / "shards" / f"{options.shard[0]}-of-{options.shard[1]}"
+        )
+    else:
+        state_dir = out_dir / ".batch-export"
     defaults = Settings(api_url="", out_dir=out_dir, state_dir=state_dir)
 
     def pick(cli: float | int | None, man: float | int | None, default: float | int) -> float | int:
@@ -206,10 +212,13 @@ def plan_lines(
 
 def execute_run(manifest: Manifest, options: RunOptions) -> int:
     """Run ``manifest`` and return the exit code (SPEC §2). Prints errors; raises nothing expected."""
+    run_id = new_run_id()
     redactor = Redactor([options.api_key] if options.api_key else [])
-    configure_logging(verbosity=options.verbosity, redactor=redactor)
+    configure_logging(
+        verbosity=options.verbosity, redactor=redactor, log_format=options.log_format, run_id=run_id
+    )
     for warning in manifest.warnings:
-        log.warning("%s", warning)
+        log.warning("%s", warning, extra={"event": "manifest_warning"})
     try:
         settings = resolve_settings(manifest, options)
         if options.dry_run:
@@ -225,7 +234,7 @@ def execute_run(manifest: Manifest, options: RunOptions) -> int:
     redactor.add(api_key)
     try:
         with StateLock(settings.state_dir):
-            return _run_locked(manifest, settings, options, api_key, redactor)
+            return _run_locked(manifest, settings, options, api_key, redactor, run_id)
     except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
         print("batch-export: interrupted", file=sys.stderr)
         return 130
@@ -235,32 +244,57 @@ def execute_run(manifest: Manifest, options: RunOptions) -> int:
 
 
 def _run_locked(
-    manifest: Manifest, settings: Settings, options: RunOptions, api_key: str, redactor: Redactor
+    manifest: Manifest,
+    settings: Settings,
+    options: RunOptions,
+    api_key: str,
+    redactor: Redactor,
+    run_id: str,
 ) -> int:
-    run_id = new_run_id()
     started_at = time.time()
     progress = options.progress if options.progress is not None else sys.stderr.isatty()
     specs = select_shard(manifest.exports, options.shard)
-    observer = ConsoleObserver(total=len(specs), progress=progress and options.verbosity >= 0)
+    display: ProgressDisplay | None = None
+    last_success: list[float | None] = [None]
 
     async def main() -> RunResult:
+        nonlocal display
         store = await SqliteStore.open(settings.state_dir)
         try:
             await store.record_run_start(run_id, started_at, os.getpid())
+            observers: list[RunObserver] = [LogObserver()]
             runner = Runner(
                 settings,
                 specs,
                 api_key=api_key,
                 store=store,
-                observer=observer,
+                observer=FanOut(observers),
                 redactor=redactor,
                 max_runtime=options.max_runtime,
                 handle_signals=True,
             )
-            with observer.live():
+            if progress and options.verbosity >= 0:
+                display = ProgressDisplay(total=len(specs), limiter=lambda: runner.limiter.stats)
+                observers.append(display)
+            log.info(
+                "run %s: %d job(s) from %s into %s",
+                run_id,
+                len(specs),
+                manifest.path,
+                settings.out_dir,
+                extra={"event": "run_started"},
+            )
+            if display is not None:
+                with display.live():
+                    result = await runner.run()
+            else:
                 result = await runner.run()
             with anyio.CancelScope(shield=True):
                 await store.record_run_end(run_id, time.time(), result.exit_code, _counts(result))
+                runs = await store.last_runs(100)
+            last_success[0] = next(
+                (run["finished_at"] for run in runs if run["exit_code"] == 0), None
+            )
             return result
         finally:
             with anyio.CancelScope(shield=True):
@@ -268,10 +302,11 @@ def _run_locked(
 
     result = anyio.run(main)
     exit_code = result.exit_code
+    finished_at = time.time()
     report = build_report(
         run_id=run_id,
         started_at=started_at,
-        finished_at=time.time(),
+        finished_at=finished_at,
         exit_code=exit_code,
         result=result,
     )
@@ -279,15 +314,34 @@ def _run_locked(
     write_report(report, report_path, redactor=redactor)
     if options.report is not None:
         write_report(report, options.report.absolute(), redactor=redactor)
+    if options.metrics_file is not None:
+        write_metrics(
+            options.metrics_file.absolute(),
+            result=result,
+            exit_code=exit_code,
+            finished_at=finished_at,
+            last_success_at=last_success[0],
+        )
+    _log_summary(result, exit_code, report_path)
+    return exit_code
+
+
+def _log_summary(result: RunResult, exit_code: int, report_path: Path) -> None:
+    counts = _counts(result)
     summary = (
-        f"summary: {len(result.jobs)} job(s): {result.count(Outcome.DOWNLOADED)} downloaded, "
-        f"{result.count(Outcome.SKIPPED)} skipped, {result.count(Outcome.FAILED)} failed, "
-        f"{result.count(Outcome.PENDING)} pending in {result.wall_seconds:.1f} s; "
+        f"summary: {len(result.jobs)} job(s): {counts['downloaded']} downloaded, "
+        f"{counts['skipped']} skipped, {counts['failed']} failed, "
+        f"{counts['pending']} pending in {result.wall_seconds:.1f} s; "
         f"{result.api_requests} API request(s) ({result.throttled} throttled), "
         f"{result.storage_requests} storage request(s); exit {exit_code}; report {report_path}"
     )
-    if exit_code != 0:
-        log.warning("%s", summary)
-    else:
-        log.info("%s", summary)
-    return exit_code
+    extra = {
+        "event": "run_summary",
+        "counts": counts,
+        "exit_code": exit_code,
+        "api_requests": result.api_requests,
+        "throttled": result.throttled,
+        "seconds": round(result.wall_seconds, 3),
+        "path": str(report_path),
+    }
+    log.log(logging.WARNING if exit_code else logging.INFO, "%s", summary, extra=extra)

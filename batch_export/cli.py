@@ -66,7 +66,7 @@ def _load(path: Path) -> Manifest:
 
 
 @main.command(context_settings=_CONTEXT)
-@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("manifest", type=click.Path(path_type=Path))
 @click.option(
     "--api-url",
     envvar="BATCH_EXPORT_API_URL",
@@ -121,6 +121,18 @@ def _load(path: Path) -> Manifest:
     help="Also write the JSON run report here.",
 )
 @click.option(
+    "--metrics-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write Prometheus text-format metrics here at the end (node_exporter textfile collector).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Human lines or JSON lines (one object per line) on stderr.",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     help="Progress display on stderr [default: on only when stderr is a terminal].",
@@ -150,6 +162,8 @@ def run(
     force: bool,
     dry_run: bool,
     report: Path | None,
+    metrics_file: Path | None,
+    log_format: str,
     progress: bool | None,
     quiet: bool,
     verbose: bool,
@@ -175,6 +189,8 @@ def run(
         force=force,
         dry_run=dry_run,
         report=report,
+        metrics_file=metrics_file,
+        log_format=log_format,
         progress=progress,
         verbosity=-1 if quiet else 1 if verbose else 0,
         allow_http=allow_http,
@@ -183,7 +199,7 @@ def run(
 
 
 @main.command(context_settings=_CONTEXT)
-@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("manifest", type=click.Path(path_type=Path))
 def validate(manifest: Path) -> None:
     """Check the MANIFEST and print the plan; requests nothing. Exit 0 if valid, 2 if not."""
     loaded = _load(manifest)

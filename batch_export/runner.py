@@ -156,6 +156,7 @@ class RunResult:
     throttled: int
     wall_seconds: float
     stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max_runtime" or None
+    api_by_status: dict[int, int] = field(default_factory=dict)  # HTTP status (0: network) -> count
 
     def count(self, outcome: Outcome) -> int:
         """Number of jobs with ``outcome``."""
@@ -230,7 +231,7 @@ class Runner:
         self.specs = list(specs)
         self._key = api_key
         self._store = store
-        self._observer = observer
+        self._observer = _Guarded(observer)
         self._redact = redactor or Redactor([api_key])
         self._clock = clock or SystemClock()
         self._rng = rng or random.Random()
@@ -304,6 +305,7 @@ class Runner:
             throttled=self._client.stats.throttled,
             wall_seconds=self._clock.monotonic() - started,
             stopped_by=self.stopped_by,
+            api_by_status=dict(self._client.stats.by_status or {}),
         )
 
     async def _run_all(self) -> None:
@@ -578,6 +580,31 @@ class Runner:
             error_message=record.error_message if job.outcome is Outcome.FAILED else None,
             error_http_status=record.error_http_status if job.outcome is Outcome.FAILED else None,
         )
+
+
+class _Guarded:
+    """Wraps an observer so that its bugs are logged and never stop a job."""
+
+    def __init__(self, inner: RunObserver) -> None:
+        self._inner = inner
+
+    def job_state(self, job: Job) -> None:
+        try:
+            self._inner.job_state(job)
+        except Exception as exc:  # pragma: no cover - a display bug must not fail the export
+            log.error("progress observer failed: %s: %s", type(exc).__name__, exc)
+
+    def job_bytes(self, job: Job, count: int) -> None:
+        try:
+            self._inner.job_bytes(job, count)
+        except Exception as exc:  # pragma: no cover
+            log.error("progress observer failed: %s: %s", type(exc).__name__, exc)
+
+    def job_finished(self, result: JobResult) -> None:
+        try:
+            self._inner.job_finished(result)
+        except Exception as exc:  # pragma: no cover
+            log.error("progress observer failed: %s: %s", type(exc).__name__, exc)
 
 
 class _VerifyAgain(Exception):

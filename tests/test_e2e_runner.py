@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -337,8 +337,10 @@ async def test_failed_status_and_poll_timeout(tmp_path: Path) -> None:
 async def test_api_key_reaches_only_the_api(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from batch_export.logs import configure_logging
+    from batch_export.progress import LogObserver
     from batch_export.redact import Redactor
-    from batch_export.report import ConsoleObserver, build_report, configure_logging, write_report
+    from batch_export.report import build_report, write_report
 
     config = SandboxConfig(keys=(KEY,), asset_size=3000, rate=None, cut_after_bytes=2000)
     async with Sandbox(config) as sandbox:
@@ -350,7 +352,7 @@ async def test_api_key_reaches_only_the_api(
             specs,
             api_key=KEY,
             store=MemoryStore(),
-            observer=ConsoleObserver(total=3, progress=False),
+            observer=LogObserver(),
             redactor=redactor,
         )
         result = await runner.run()

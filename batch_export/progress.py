@@ -1,0 +1,248 @@
+"""Subscribers to job events: a log line per outcome, and a live progress display on a terminal.
+
+Both implement :class:`batch_export.runner.RunObserver`; :class:`FanOut` hands every event to several.
+The display is drawn by :mod:`rich` on stderr; log lines print above it (through
+:func:`batch_export.logs.set_console`) so neither tears the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from batch_export.lifecycle import JobState
+from batch_export.logs import set_console
+from batch_export.ratelimit import LimiterStats
+from batch_export.runner import Job, JobResult, Outcome, RunObserver
+
+__all__ = ["FanOut", "LogObserver", "ProgressDisplay", "job_fields"]
+
+log = logging.getLogger("batch_export")
+
+
+def job_fields(result: JobResult) -> dict[str, Any]:
+    """Return the structured log fields of a job outcome (``extra`` for JSON lines)."""
+    fields: dict[str, Any] = {
+        "key": result.key,
+        "aoi_id": result.aoi_id,
+        "insight_id": result.insight_id,
+        "job_name": result.name,
+        "state": str(result.outcome),
+        "attempt": result.attempts,
+        "bytes": result.bytes,
+        "path": result.path,
+    }
+    if result.outcome is Outcome.FAILED:
+        fields["error_code"] = result.error_code
+        fields["http_status"] = result.error_http_status
+    return fields
+
+
+class FanOut:
+    """A :class:`RunObserver` that forwards every event to each of ``observers``."""
+
+    def __init__(self, observers: Sequence[RunObserver]) -> None:
+        self._observers = list(observers)
+
+    def job_state(self, job: Job) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.job_state(job)
+
+    def job_bytes(self, job: Job, count: int) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.job_bytes(job, count)
+
+    def job_finished(self, result: JobResult) -> None:
+        """Forward."""
+        for observer in self._observers:
+            observer.job_finished(result)
+
+
+class LogObserver:
+    """One log line per job outcome (info; failures as warnings), state changes at debug."""
+
+    def job_state(self, job: Job) -> None:
+        """Log the state change at debug level."""
+        if log.isEnabledFor(logging.DEBUG):
+            record = job.record
+            log.debug(
+                "job %s %s/%s -> %s",
+                job.key[:12],
+                record.aoi_id,
+                record.insight_id,
+                record.state,
+                extra={
+                    "event": "job_state",
+                    "key": job.key,
+                    "aoi_id": record.aoi_id,
+                    "insight_id": record.insight_id,
+                    "state": str(record.state),
+                    "attempt": record.attempts,
+                },
+            )
+
+    def job_bytes(self, job: Job, count: int) -> None:
+        """Nothing: bytes are not worth a line each."""
+
+    def job_finished(self, result: JobResult) -> None:
+        """Log the outcome line."""
+        ident = f"{result.aoi_id}/{result.insight_id} ({result.name})"
+        fields = job_fields(result)
+        if result.outcome is Outcome.FAILED:
+            status = f" HTTP {result.error_http_status}" if result.error_http_status else ""
+            log.warning(
+                "failed      %s: %s%s: %s",
+                ident,
+                result.error_code,
+                status,
+                result.error_message,
+                extra={"event": "job_failed", **fields},
+            )
+        elif result.outcome is Outcome.DOWNLOADED:
+            log.info(
+                "downloaded  %s -> %s (%s bytes)",
+                ident,
+                result.path,
+                result.bytes,
+                extra={"event": "job_downloaded", **fields},
+            )
+        elif result.outcome is Outcome.SKIPPED:
+            log.info(
+                "skipped     %s: already done at %s",
+                ident,
+                result.path,
+                extra={"event": "job_skipped", **fields},
+            )
+        else:
+            log.info(
+                "pending     %s: left for the next run",
+                ident,
+                extra={"event": "job_pending", **fields},
+            )
+
+
+class ProgressDisplay:
+    """Live terminal display of a run.
+
+    Shows jobs done/failed/to go, bytes and rate, what the rate limiter is doing (rate, Retry-After
+    pause, 429s), and one bar per active download.
+
+    Args:
+        total: number of jobs in the run.
+        limiter: returns the shared limiter's :class:`LimiterStats` (None: not shown).
+        console: where to draw (default: stderr).
+    """
+
+    def __init__(
+        self,
+        *,
+        total: int,
+        limiter: Callable[[], LimiterStats] | None = None,
+        console: Console | None = None,
+    ) -> None:
+        self.console = console or Console(stderr=True)
+        self._total = total
+        self._limiter = limiter
+        self._counts = {outcome: 0 for outcome in Outcome}
+        self._bytes = 0
+        self._started = time.monotonic()
+        self._active: dict[str, TaskID] = {}
+        self._downloads = Progress(
+            TextColumn("  {task.description}", justify="left"),
+            BarColumn(bar_width=30),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=self.console,
+        )
+
+    def __rich__(self) -> Group:
+        """The whole display, rebuilt at each refresh."""
+        return Group(self._header(), self._downloads)
+
+    def _header(self) -> Text:
+        done = self._counts[Outcome.DOWNLOADED] + self._counts[Outcome.SKIPPED]
+        failed = self._counts[Outcome.FAILED]
+        pending = self._total - done - failed - self._counts[Outcome.PENDING]
+        elapsed = max(1e-6, time.monotonic() - self._started)
+        text = Text()
+        text.append(f"jobs {done}/{self._total} done", style="bold green")
+        text.append(f" · {failed} failed", style="bold red" if failed else "")
+        text.append(f" · {pending} to go")
+        text.append(f" | {_size(self._bytes)} at {_size(self._bytes / elapsed)}/s")
+        if self._limiter is not None:
+            stats = self._limiter()
+            text.append(f" | API {_num(stats.rate)}/{_num(stats.target_rate)} req/s")
+            if stats.paused_for > 0:
+                text.append(f" · paused {stats.paused_for:.0f} s (Retry-After)", style="yellow")
+            if stats.throttled:
+                text.append(f" · {stats.throttled}×429", style="yellow")
+        return text
+
+    @contextmanager
+    def live(self) -> Iterator[None]:
+        """Draw the display for the duration of the block; log lines print above it."""
+        with Live(self, console=self.console, refresh_per_second=4, transient=True):
+            set_console(self.console)
+            try:
+                yield
+            finally:
+                set_console(None)
+
+    def job_state(self, job: Job) -> None:
+        """Add a bar when a download starts; drop it when the job leaves downloading."""
+        state = job.record.state
+        task = self._active.get(job.key)
+        if state is JobState.DOWNLOADING:
+            if task is None:
+                label = f"{job.record.aoi_id}/{job.record.name}"[:40]
+                self._active[job.key] = self._downloads.add_task(
+                    label, total=job.bytes_total, completed=job.bytes_done
+                )
+            else:
+                self._downloads.update(task, total=job.bytes_total, completed=job.bytes_done)
+        elif task is not None and state is not JobState.VERIFYING:
+            self._downloads.remove_task(task)
+            del self._active[job.key]
+
+    def job_bytes(self, job: Job, count: int) -> None:
+        """Advance the job's bar and the byte counter."""
+        self._bytes += count
+        task = self._active.get(job.key)
+        if task is not None:
+            self._downloads.update(task, completed=job.bytes_done, total=job.bytes_total)
+
+    def job_finished(self, result: JobResult) -> None:
+        """Count the outcome; drop the job's bar."""
+        self._counts[result.outcome] += 1
+        task = self._active.pop(result.key, None)
+        if task is not None:
+            self._downloads.remove_task(task)
+
+
+def _num(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count:.0f} B"
+        count /= 1024
+    return f"{count:.1f} TiB"  # pragma: no cover

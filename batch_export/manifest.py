@@ -69,6 +69,8 @@ __all__ = [
     "sanitize_path_value",
 ]
 
+#: C0/C1 control characters: never valid in ids (they would reach URLs, logs and terminals).
+_ID_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DEFAULT_PATH_TEMPLATE = "{aoi_id}/{insight_id}/{name}.zip"
 
 #: Name of the state dir inside the output dir; no output path may enter it.
@@ -1245,7 +1247,12 @@ class _Validator:
         """Convert ``node`` as ``spec.kind`` says; None (reported) when it is not valid."""
         kind = spec.kind
         if kind is _Kind.ID:
-            if type(node) is _Scalar and node.tag == _T_STR and node.value:
+            if (
+                type(node) is _Scalar
+                and node.tag == _T_STR
+                and node.value.strip(".")
+                and not _ID_CONTROL.search(node.value)
+            ):
                 return node.value
             return self.identifier(node, path)
         if kind is _Kind.ASSETS:
@@ -1334,9 +1341,18 @@ class _Validator:
     def identifier(self, node: _Node, path: str) -> str | None:
         """Return a non-empty string (an id, a name)."""
         text = self.string(node, path)
+        name = path.rsplit(".", 1)[-1]
         if text == "":
-            name = path.rsplit(".", 1)[-1]
             self.report.error(node.line, node.col, path, f"{name} must not be empty")
+            return None
+        if text is not None and text.strip(".") == "":
+            # "." and ".." would be folded out of the request URL's path by any HTTP client.
+            self.report.error(node.line, node.col, path, f"{name} must not be only dots")
+            return None
+        if text is not None and _ID_CONTROL.search(text):
+            self.report.error(
+                node.line, node.col, path, f"{name} must not contain control characters"
+            )
             return None
         return text
 
@@ -1370,7 +1386,8 @@ class _Validator:
                     break
                 values.append(item.value)
             else:
-                return tuple(dict.fromkeys(values))
+                if not _ID_CONTROL.search("".join(values)):
+                    return tuple(dict.fromkeys(values))
         items = self.string_list(node, path)
         if items is None:
             return None
@@ -1379,7 +1396,17 @@ class _Validator:
             self.report.error(
                 items[i].line, items[i].col, f"{path}[{i}]", "an asset id must not be empty"
             )
-        return None if empty else tuple(dict.fromkeys(item.value for item in items))
+        control = [i for i, item in enumerate(items) if _ID_CONTROL.search(item.value)]
+        for i in control:
+            self.report.error(
+                items[i].line,
+                items[i].col,
+                f"{path}[{i}]",
+                "an asset id must not contain control characters",
+            )
+        if empty or control:
+            return None
+        return tuple(dict.fromkeys(item.value for item in items))
 
     def statuses(self, node: _Node, path: str) -> tuple[str, ...] | None:
         """Return a non-empty list of status names, lower-cased and deduplicated."""

@@ -43,6 +43,14 @@ class Redactor:
         return _URL_QUERY.sub(lambda m: f"{m.group(1)}?{REDACTED}", text)
 
 
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # all but tab: no forged lines
+
+
+def _escape_controls(text: str) -> str:
+    """Show control characters as ``\\xNN``: a server's text must not drive the terminal."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class RedactingFilter(logging.Filter):
     """A logging filter that redacts the rendered message (args included) and exception text."""
 
@@ -52,7 +60,7 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Render the record's message once, redacted; format any traceback redacted too."""
-        record.msg = self._redact(record.getMessage())
+        record.msg = _escape_controls(self._redact(record.getMessage()))
         record.args = None
         if record.exc_info:
             text = logging.Formatter().formatException(record.exc_info)

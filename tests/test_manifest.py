@@ -1014,14 +1014,22 @@ def test_good_templates(template: str, relpath: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "expected"),
+    [("..", "_"), (".", "_"), ("...", "_"), ("\x01", "_"), ("a\tb\x7fc\x00", "abc")],
+)
+def test_sanitiser_on_values_the_manifest_rejects_earlier(value: str, expected: str) -> None:
+    # Dots-only ids and control characters never get this far (rejected as ids), but the
+    # sanitiser stays safe on them on its own.
+    assert sanitize_path_value(value) == expected
+
+
+@pytest.mark.parametrize(
     ("aoi_id", "insight_id", "name", "relpath"),
     [
-        ("..", "a/../../b", "CON", "_/a_.._.._b/_CON.zip"),
-        ("/etc/passwd", ".", "x", "_etc_passwd/_/x.zip"),
+        ("a", "a/../../b", "CON", "a/a_.._.._b/_CON.zip"),
+        ("/etc/passwd", "i", "x", "_etc_passwd/i/x.zip"),
         ("\\\\server\\share", "i", "nul.txt", "__server_share/i/_nul.txt.zip"),
-        ("a\tb\x7fc\x00", "i", "x. . ", "abc/i/x.zip"),
-        ("a", "i", "\x01", "a/i/_.zip"),
-        ("a", "i", "...", "a/i/_.zip"),
+        ("a", "i", "x. . ", "a/i/x.zip"),
         ("a", "i", "com9.tar", "a/i/_com9.tar.zip"),
         ("a", "i", "LPT1 .x", "a/i/_LPT1 .x.zip"),
         ("a", "i", "COM10", "a/i/COM10.zip"),
@@ -1426,12 +1434,16 @@ def single_quoted(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-ANY_TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
+# Any text an id may hold: no control characters (rejected: they reach URLs, logs and terminals)
+# and not only dots ("." and ".." would be folded out of the request URL's path).
+ANY_TEXT = st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=40).filter(
+    lambda s: s.strip(".") != ""
+)
 LINE_TEXT = st.text(
     st.characters(categories=("L", "M", "N", "P", "S", "Zs"), exclude_characters="\ufeff"),
     min_size=1,
     max_size=40,
-).filter(lambda s: s.strip(" ") == s)
+).filter(lambda s: s.strip(" ") == s and s.strip(".") != "")
 
 
 @settings(max_examples=200, deadline=None)
@@ -1511,3 +1523,34 @@ def test_render_relpath_rejects_the_state_dir_and_bad_templates() -> None:
         render_relpath(DEFAULT_PATH_TEMPLATE, aoi_id=".batch-export", insight_id="i", name="n")
     with pytest.raises(ValueError, match="format specs"):
         render_relpath("{name:>9}", aoi_id="a", insight_id="i", name="n")
+
+
+@pytest.mark.parametrize("value", [".", "..", "...", "a\\u001b[2J", "b\\u0000c", "x\\u009b"])
+@pytest.mark.parametrize("field", ["aoi_id", "insight_id", "name"])
+def test_ids_that_would_break_urls_or_terminals_are_rejected(
+    tmp_path: Path, field: str, value: str
+) -> None:
+    entry = {"aoi_id": '"a"', "insight_id": '"i"', "name": '"n"'}
+    entry[field] = f'"{value}"'
+    text = (
+        "version: 1\nexports:\n  - {"
+        + ", ".join(f"{k}: {v}" for k, v in entry.items())
+        + ', outputs: ["o"]}\n'
+    )
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert len(info.value.problems) == 1
+    assert f"exports[0].{field}" in info.value.problems[0]
+    assert "\x1b" not in info.value.problems[0] and "\x00" not in info.value.problems[0]
+
+
+def test_asset_ids_with_control_characters_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        'version: 1\nexports:\n  - {aoi_id: "a", insight_id: "i", outputs: ["ok", "b\\u001bc"]}\n'
+    )
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert "exports[0].outputs[1]" in info.value.problems[0]

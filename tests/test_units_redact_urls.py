@@ -76,3 +76,11 @@ def test_url_policy() -> None:
     assert url_refusal("http://example.com/x", allow_http=True, what="API URL") is None
     assert url_refusal("ftp://example.com/x", allow_http=True, what="API URL") is not None
     assert url_refusal("file:///etc/passwd", allow_http=True, what="signed URL") is not None
+
+
+def test_log_lines_escape_control_characters() -> None:
+    record = logging.LogRecord(
+        "x", logging.WARNING, "f", 1, "server said %s", ("a\x1b]0;pwned\x07\nFAKE LINE",), None
+    )
+    RedactingFilter(Redactor()).filter(record)
+    assert record.getMessage() == "server said a\\x1b]0;pwned\\x07\\x0aFAKE LINE"

@@ -229,6 +229,13 @@ class PixxelClient:
             ) as resp:
                 body = await _read_capped(resp)
                 status, resp_headers = resp.status, resp.headers
+        except aiohttp.ClientSSLError as exc:
+            # A certificate or TLS-protocol mismatch does not heal by retrying: fail at once.
+            self.stats.count(0)
+            raise ApiError(
+                f"TLS error talking to the API: {_describe(exc)} (check --api-url's scheme and host)",
+                code="tls_error",
+            ) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.stats.count(0)
             stalled = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)

@@ -339,3 +339,23 @@ def test_sandbox_command_and_demo_manifest(tmp_path: Path) -> None:
             if pipe is not None:
                 pipe.close()
     assert server.returncode == 0
+
+
+def test_tls_mismatch_fails_each_job_at_once(sandbox: Sandbox, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, sandbox, GOOD)
+    https_url = sandbox.api_url.replace("http://", "https://")
+    report = tmp_path / "r.json"
+    proc = cli(
+        "run",
+        str(manifest),
+        "--api-url",
+        https_url,
+        "-q",
+        "--report",
+        str(report),
+        env={"PIXXEL_API_KEY": KEY},
+    )
+    assert proc.returncode == 1
+    doc = json.loads(report.read_text())
+    assert [job["error"]["code"] for job in doc["jobs"]] == ["tls_error", "tls_error"]
+    assert doc["requests"]["api"] == 2  # one attempt per job, no retries

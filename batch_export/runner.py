@@ -330,7 +330,11 @@ class Runner:
         """
         if self.stopped_by is None:
             self.stopped_by = reason
-            log.warning("stopping (%s): in-flight work is checkpointed for the next run", reason)
+            log.warning(
+                "stopping (%s): in-flight work is checkpointed for the next run",
+                reason,
+                extra={"event": "run_stopping"},
+            )
         if self._jobs_scope is not None:
             self._jobs_scope.cancel()
 

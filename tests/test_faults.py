@@ -512,6 +512,34 @@ STORAGE_ONCE = [
         [None, "bytes=9000-", None],
     ),
     Once("wrong-etag", [{"fault": Fault.WRONG_ETAG, "nth": (1,)}], [200, 200], [None, None], 3),
+    # A 206 whose Content-Length disagrees with its own Content-Range: restart from 0.
+    Once(
+        "range-length-disagrees",
+        [CUT, {"fault": Fault.CONTENT_LENGTH_SHORT, "delta": 100, "nth": (2,)}],
+        [200, 206, 200],
+        [None, "bytes=9000-", None],
+    ),
+    # Every header true, one byte false: the MD5 over the whole file catches it, also when the
+    # bad byte came in a resumed 206; the .part is discarded and fetched again from 0.
+    Once("flipped-byte", [{"fault": Fault.FLIPPED_BYTE, "nth": (1,)}], [200, 200], [None, None], 3),
+    Once(
+        "flipped-byte-in-resume",
+        [CUT, {"fault": Fault.FLIPPED_BYTE, "after_bytes": 10, "nth": (2,)}],
+        [200, 206, 200],
+        [None, "bytes=9000-", None],
+        puts=3,
+    ),
+    # No validator and no length: only the zip structure can tell a short body; restart.
+    Once(
+        "chunked-short-no-etag",
+        [
+            {"fault": Fault.CHUNKED_SHORT, "after_bytes": 9000, "nth": (1,)},
+            {"fault": Fault.NO_ETAG, "nth": (1,)},
+        ],
+        [200, 200],
+        [None, None],
+        puts=3,
+    ),
     # No validator: bytes so far cannot be proven to belong to the next answer; restart from 0.
     Once(
         "no-etag-then-cut",
@@ -632,26 +660,15 @@ async def test_persistent_cuts_keep_a_sound_part_that_the_next_run_resumes(
     ]
     assert_others_done(run)
     part = run.part().read_bytes()
-    assert part == (await _fetch(sandbox, run.gets()[0]))[: 2000 * (RETRIES + 1)]
+    spec = run.specs[0]
+    served = sandbox.package_bytes(spec.aoi_id, spec.insight_id, spec.inputs, spec.outputs)
+    assert part == served[: 2000 * (RETRIES + 1)]
 
     sandbox.requests.clear()
     again = await run_with(sandbox, tmp_path, lambda s: [], specs=run.specs, store=store)
     assert_done(again)
     assert [g.header("Range") for g in again.gets()] == [f"bytes={len(part)}-"]
     assert statuses(again.gets()) == [206]
-
-
-async def _fetch(sandbox: Sandbox, get: RecordedRequest) -> bytes:
-    """The whole package as the storage serves it (fresh URL not needed: reuse the signed one)."""
-    import aiohttp
-
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        url = f"{sandbox.storage_url}{get.path}?{get.query}"
-        from yarl import URL
-
-        async with session.get(URL(url, encoded=True)) as resp:
-            assert resp.status == 200
-            return await resp.read()
 
 
 async def test_server_named_file_is_never_used_as_a_path(sandbox: Sandbox, tmp_path: Path) -> None:
@@ -907,3 +924,77 @@ def test_sandbox_cli_rejects_a_bad_fault_script(tmp_path: Path) -> None:
     result = CliRunner().invoke(sandbox_command, ["--port", "0", "--faults", str(path)])
     assert result.exit_code == 2
     assert "unknown fault 'nope'" in result.output
+
+
+def test_sandbox_command_serves_the_fault_script(tmp_path: Path) -> None:
+    """`batch-export sandbox --faults FILE`: an operator's rehearsal against a misbehaving API."""
+    import json
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from batch_export.sandbox import Catalog
+
+    aoi = Catalog.generate(0).aois[0]
+    insight = aoi.insights[0]
+    script = tmp_path / "faults.yaml"
+    script.write_text(
+        "seed: 3\n"
+        "rules:\n"
+        "  - {origin: api, fault: http_error, status: 503, empty_body: true, nth: [1]}\n"
+        "  - {origin: api, fault: throttle, retry_after: 30, retry_after_form: date, nth: [2]}\n"
+    )
+    code = "from batch_export.sandbox.cli import sandbox_command; sandbox_command()"
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-c", code),
+            *("--port", "0", "--rate", "0", "--no-access-log", "--faults", str(script)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("Serving until"):
+                break
+        output = "".join(lines)
+        match = re.search(r"API URL:\s+(\S+)", output)
+        assert match, output
+        assert f"faults:      2 rule(s) from {script} (seed 3)" in output
+        request = urllib.request.Request(
+            f"{match.group(1)}/v0/aoi/{aoi.id}/insights/{insight.id}/download",
+            data=json.dumps({"inputs": [], "outputs": [insight.outputs[0]]}).encode(),
+            method="PUT",
+            headers={"Authorization": "sandbox-demo-key", "Content-Type": "application/json"},
+        )
+        answers = []
+        for _ in range(3):
+            try:
+                with urllib.request.urlopen(request) as response:
+                    answers.append((response.status, response.read(), None))
+            except urllib.error.HTTPError as error:
+                answers.append((error.code, error.read(), error.headers))
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert [a[0] for a in answers] == [503, 429, 200]
+    assert answers[0][1] == b""
+    throttled = answers[1][2]
+    assert throttled is not None
+    from email.utils import parsedate_to_datetime
+
+    wait = parsedate_to_datetime(throttled["Retry-After"]) - parsedate_to_datetime(
+        throttled["Date"]
+    )
+    assert wait.total_seconds() == 30
+    assert json.loads(answers[2][1])["status"] == "pending"

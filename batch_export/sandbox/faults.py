@@ -167,6 +167,8 @@ class StoragePlan:
             entity size).
         etag: Send this ``ETag`` instead of the package's MD5; ``""`` sends none.
         headers: Extra headers (e.g. a hostile ``Content-Disposition``).
+        flip_byte_at: Flip one bit of the body byte at this index (of the bytes this answer
+            sends; negative: the middle one); every header still describes the true bytes.
     """
 
     cut_after_bytes: int | None = None
@@ -180,6 +182,7 @@ class StoragePlan:
     range_total_delta: int = 0
     etag: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    flip_byte_at: int | None = None
 
 
 class FaultHook:

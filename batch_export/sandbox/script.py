@@ -37,6 +37,8 @@ Faults (and the origins where each may be used)::
     range_wrong_start     storage        206 from byte 0 whatever was asked (also without Range)
     range_wrong_total     storage        206 whose Content-Range total is ``delta`` too big
     wrong_etag            storage        an MD5-looking ETag that is not the body's
+    flipped_byte          storage        one body byte flipped (at ``after_bytes``, default the
+                                         middle); every header tells the truth about the package
     no_etag               storage        no ETag at all
     content_disposition   storage        Content-Disposition naming ``filename`` (a hostile path)
     failed                api            the package ends in the failed status
@@ -96,6 +98,7 @@ class Fault(enum.StrEnum):
     RANGE_WRONG_START = "range_wrong_start"
     RANGE_WRONG_TOTAL = "range_wrong_total"
     WRONG_ETAG = "wrong_etag"
+    FLIPPED_BYTE = "flipped_byte"
     NO_ETAG = "no_etag"
     CONTENT_DISPOSITION = "content_disposition"
     FAILED = "failed"
@@ -125,6 +128,7 @@ ORIGINS: Mapping[Fault, frozenset[str]] = {
     _F.RANGE_WRONG_START: _STORAGE,
     _F.RANGE_WRONG_TOTAL: _STORAGE,
     _F.WRONG_ETAG: _STORAGE,
+    _F.FLIPPED_BYTE: _STORAGE,
     _F.NO_ETAG: _STORAGE,
     _F.CONTENT_DISPOSITION: _STORAGE,
     _F.FAILED: _API,
@@ -143,6 +147,7 @@ _PLAN_FAULTS = frozenset(
         *_RANGE_ONLY,
         _F.RANGE_WRONG_START,
         _F.WRONG_ETAG,
+        _F.FLIPPED_BYTE,
         _F.NO_ETAG,
         _F.CONTENT_DISPOSITION,
     }
@@ -179,7 +184,8 @@ class Rule:
             ``Retry-After`` header.
         retry_after_form: How ``Retry-After`` is written: ``seconds``, ``date`` (an HTTP date,
             with a matching ``Date``), ``garbage`` (unparseable) or ``none`` (no header).
-        after_bytes: Body bytes sent before a cut, reset, stall or short chunked end; ``None``: half.
+        after_bytes: Body bytes sent before a cut, reset, stall or short chunked end, or the index
+            of a ``flipped_byte``; ``None``: half of what the answer sends.
         stall_seconds: Silence of a ``stall`` before the server closes (seconds; bounded).
         delta: Bytes by which a ``content_length_*`` or ``range_wrong_total`` lies.
         lifetime: Signed URL lifetime for ``url_lifetime`` (seconds).
@@ -560,6 +566,8 @@ def _adjust(plan: StoragePlan, rule: Rule) -> None:
         plan.range_total_delta = max(1, rule.delta)
     elif fault is _F.WRONG_ETAG:
         plan.etag = '"' + hashlib.md5(b"not the body", usedforsecurity=False).hexdigest() + '"'
+    elif fault is _F.FLIPPED_BYTE:
+        plan.flip_byte_at = -1 if rule.after_bytes is None else rule.after_bytes  # -1: middle
     elif fault is _F.NO_ETAG:
         plan.etag = ""
     elif fault is _F.CONTENT_DISPOSITION:

@@ -309,6 +309,20 @@ class Sandbox:
         """
         return self._build_now(Selection(aoi_id, insight_id, tuple(inputs), tuple(outputs))).sha256
 
+    def package_bytes(
+        self,
+        aoi_id: str,
+        insight_id: str,
+        inputs: tuple[str, ...] | list[str],
+        outputs: tuple[str, ...] | list[str],
+    ) -> bytes:
+        """The bytes the storage serves for this selection, faults included (whole, in memory).
+
+        Builds the package (blocking) if it is not built yet; meant for small test packages.
+        """
+        built = self._build_now(Selection(aoi_id, insight_id, tuple(inputs), tuple(outputs)))
+        return built.path.read_bytes()
+
     # -- packages ------------------------------------------------------------------------------
 
     def _variant(self, selection: Selection) -> tuple[str, bool]:
@@ -722,7 +736,10 @@ class Sandbox:
             to_send = max(0, cut_after)
         try:
             await response.prepare(request)
-            await self._stream(response, built, first, to_send)
+            flip_at = plan.flip_byte_at
+            if flip_at is not None and flip_at < 0:
+                flip_at = to_send // 2
+            await self._stream(response, built, first, to_send, flip_at=flip_at)
         except ConnectionError:
             return response  # the client went away; nothing more to send
         if plan.chunked:
@@ -733,18 +750,30 @@ class Sandbox:
 
     @staticmethod
     async def _stream(
-        response: web.StreamResponse, built: BuiltPackage, offset: int, count: int
+        response: web.StreamResponse,
+        built: BuiltPackage,
+        offset: int,
+        count: int,
+        *,
+        flip_at: int | None = None,
     ) -> None:
-        """Send ``count`` bytes of the package file from ``offset``, 1 MiB at a time."""
+        """Send ``count`` bytes of the package file from ``offset``, 1 MiB at a time.
+
+        ``flip_at``: index (among the bytes sent) of a byte sent with its lowest bit flipped.
+        """
         handle: BinaryIO = await asyncio.to_thread(built.path.open, "rb")
         try:
             await asyncio.to_thread(handle.seek, offset)
-            remaining = count
-            while remaining > 0:
-                piece = await asyncio.to_thread(handle.read, min(CHUNK_SIZE, remaining))
+            sent = 0
+            while sent < count:
+                piece = await asyncio.to_thread(handle.read, min(CHUNK_SIZE, count - sent))
                 if not piece:
                     raise ConnectionResetError("package file shrank while streaming")
+                if flip_at is not None and sent <= flip_at < sent + len(piece):
+                    spoiled = bytearray(piece)
+                    spoiled[flip_at - sent] ^= 0x01
+                    piece = bytes(spoiled)
                 await response.write(piece)
-                remaining -= len(piece)
+                sent += len(piece)
         finally:
             await asyncio.to_thread(handle.close)

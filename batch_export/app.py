@@ -263,6 +263,9 @@ def _run_locked(
         try:
             await store.record_run_start(run_id, started_at, os.getpid())
             observers: list[RunObserver] = [LogObserver()]
+            if progress and options.verbosity >= 0:
+                display = ProgressDisplay(total=len(specs), limiter=lambda: runner.limiter.stats)
+                observers.append(display)
             runner = Runner(
                 settings,
                 specs,
@@ -273,9 +276,6 @@ def _run_locked(
                 max_runtime=options.max_runtime,
                 handle_signals=True,
             )
-            if progress and options.verbosity >= 0:
-                display = ProgressDisplay(total=len(specs), limiter=lambda: runner.limiter.stats)
-                observers.append(display)
             log.info(
                 "run %s: %d job(s) from %s into %s",
                 run_id,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from rich import filesize
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import (
@@ -241,8 +242,4 @@ def _num(value: float) -> str:
 
 
 def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{count:.0f} B"
-        count /= 1024
-    return f"{count:.1f} TiB"  # pragma: no cover
+    return filesize.decimal(int(count))  # the same units as rich's download bars

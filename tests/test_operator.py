@@ -162,6 +162,7 @@ def test_progress_display_in_a_pseudo_terminal(sandbox: Sandbox, tmp_path: Path)
     master, slave = pty.openpty()
     os.set_inheritable(slave, True)
     sandbox.config.prepare_seconds = 0.5
+    sandbox.config.asset_size = 80_000_000  # downloads last several display frames
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -209,3 +210,51 @@ def test_progress_display_in_a_pseudo_terminal(sandbox: Sandbox, tmp_path: Path)
             for line in matching
         ), matching
     assert "API " in text and "req/s" in text
+    # The display got job events: a per-download bar with the job's label, and a moving count.
+    aoi = sandbox.catalog.aois[0].id
+    assert re.search(rf"{aoi}/\S+ .*MB", text)
+    assert re.search(r"jobs [1-3]/3 done", text)
+
+
+def test_progress_display_renders_counts_limiter_and_bars() -> None:
+    from rich.console import Console
+
+    from batch_export.lifecycle import JobState
+    from batch_export.manifest import ExportSpec
+    from batch_export.progress import ProgressDisplay
+    from batch_export.ratelimit import LimiterStats
+    from batch_export.runner import Job, JobResult, Outcome
+    from batch_export.store import JobRecord
+
+    console = Console(record=True, width=120, force_terminal=False)
+    stats = LimiterStats(rate=1.0, target_rate=4.0, paused_for=12.0, throttled=3, granted=10)
+    display = ProgressDisplay(total=3, limiter=lambda: stats, console=console)
+    spec = ExportSpec("aoi-1", "ins-1", (), ("o",), "n1", "aoi-1/ins-1/n1.zip")
+    record = JobRecord(
+        key="k1",
+        aoi_id="aoi-1",
+        insight_id="ins-1",
+        name="n1",
+        relpath=spec.relpath,
+        state=JobState.DOWNLOADING,
+    )
+    job = Job(spec=spec, final=Path("/x"), record=record, bytes_total=2_000_000)
+    display.job_state(job)
+    job.bytes_done = 500_000
+    display.job_bytes(job, 500_000)
+    display.job_finished(
+        JobResult("k0", "a", "i", "n0", Outcome.DOWNLOADED, "/p", 1, "s", 1, 0, 1.0)
+    )
+    display.job_finished(
+        JobResult("k2", "a", "i", "n2", Outcome.FAILED, "/p", None, None, 1, 0, 1.0, "x", "y", 403)
+    )
+    console.print(display)
+    text = console.export_text()
+    assert "jobs 1/3 done · 1 failed · 1 to go" in text
+    assert "API 1/4 req/s · paused 12 s (Retry-After) · 3×429" in text
+    assert "aoi-1/n1" in text and "0.5/2.0 MB" in text
+    display.job_finished(
+        JobResult("k1", "aoi-1", "ins-1", "n1", Outcome.DOWNLOADED, "/p", 2, "s", 1, 0, 1.0)
+    )
+    console.print(display)
+    assert "aoi-1/n1" not in console.export_text()

@@ -189,6 +189,23 @@ def select_shard(
     return tuple(spec for spec in specs if shard_of(job_key(spec), count) == index)
 
 
+def _human(seconds: float) -> str:
+    """``5400`` -> ``"1h30m"``; ``42.5`` -> ``"42.5s"``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [
+        f"{days}d" if days else "",
+        f"{hours}h" if hours else "",
+        f"{minutes}m" if minutes else "",
+    ]
+    if not days and not hours and secs:
+        parts.append(f"{secs}s")
+    return "".join(parts) or "0s"
+
+
 def plan_lines(
     manifest: Manifest, settings: Settings | None, specs: tuple[ExportSpec, ...] | None = None
 ) -> list[str]:
@@ -205,7 +222,8 @@ def plan_lines(
     rate = settings.rate if settings else manifest.limits.rate or 2.0
     lines.append(
         f"{jobs} job(s); at least {jobs} API request(s), {2 * jobs} when the first answer is "
-        f"pending; at {rate:g} requests/s that is at least {2 * jobs / rate:.1f} s of API time"
+        f"pending; at {rate:g} requests/s that takes at least {_human(jobs / rate)}, "
+        f"{_human(2 * jobs / rate)} with one poll each"
     )
     return lines
 

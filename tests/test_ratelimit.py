@@ -1,3 +1,5 @@
+import itertools
+
 import anyio
 import pytest
 
@@ -73,3 +75,47 @@ async def test_rate_climbs_back_when_calm() -> None:
     for _ in range(200):
         await limiter.acquire()
     assert limiter.stats.rate == 8.0
+
+
+class LateClock(FakeClock):
+    """Every sleep ends ``late`` seconds after it should (timer granularity, a busy loop)."""
+
+    def __init__(self, late: float) -> None:
+        super().__init__()
+        self.late = late
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self.late if seconds > 0 else seconds)
+
+
+async def test_late_wake_ups_do_not_slow_the_rate() -> None:
+    clock = LateClock(late=0.001)  # 1 ms late on a 20 ms interval: 5 % of the rate
+    limiter = RateLimiter(50.0, clock=clock)
+    granted: list[float] = []
+
+    async def worker() -> None:
+        await limiter.acquire()
+        granted.append(clock.now)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(101):
+            tg.start_soon(worker)
+    assert (granted[-1] - granted[0]) / 100 == pytest.approx(0.02, rel=1e-3)
+    gaps = [b - a for a, b in itertools.pairwise(granted)]
+    assert min(gaps) >= 0.01 - 1e-9  # never closer than half an interval
+
+
+async def test_idle_bucket_restarts_the_schedule() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(10.0, clock=clock)
+    await limiter.acquire()
+    clock.now += 5.0  # idle: no credit is saved up beyond one request (burst 1)
+    await limiter.acquire()
+    t0 = clock.now
+    await limiter.acquire()
+    assert clock.now - t0 == pytest.approx(0.1)
+    clock.now += 0.13  # arriving late for an idle bucket gives no catch-up either
+    t1 = clock.now
+    await limiter.acquire()
+    await limiter.acquire()
+    assert clock.now - t1 == pytest.approx(0.1)

@@ -149,8 +149,12 @@ def resolve_api_key(manifest: Manifest, environ: dict[str, str] | None = None) -
         env_path = Path(env[KEY_FILE_ENV])
         sources.append((f"key file {env_path} ({KEY_FILE_ENV})", lambda: _read_key_file(env_path)))
     if not sources:
+        # Name the variable only if it looks like one: a key pasted into key_env must not echo.
+        shown = (
+            key_env if re.fullmatch(r"[A-Z][A-Z0-9_]{0,63}", key_env) else "named by api.key_env"
+        )
         raise UsageError(
-            f"no API key: set the environment variable {key_env}, or name a key file in "
+            f"no API key: set the environment variable {shown}, or name a key file in "
             f"api.key_file or {KEY_FILE_ENV}"
         )
     if len(sources) > 1:

@@ -243,6 +243,7 @@ API_ONCE = [
     ("reset-mid-body", {"fault": Fault.RESET_MID_BODY, "after_bytes": 10}, 200),
     ("short-body", {"fault": Fault.SHORT_BODY, "after_bytes": 10}, 200),
     ("stall", {"fault": Fault.STALL, "after_bytes": 10, "stall_seconds": 10.0}, 200),
+    ("stall-before-headers", {"fault": Fault.STALL_HEADERS, "stall_seconds": 10.0}, 0),
     ("content-length-long", {"fault": Fault.CONTENT_LENGTH_LONG, "delta": 50}, 200),
     ("content-length-short", {"fault": Fault.CONTENT_LENGTH_SHORT, "delta": 20}, 200),
     ("chunked-short", {"fault": Fault.CHUNKED_SHORT, "after_bytes": 20}, 200),
@@ -293,6 +294,12 @@ async def test_api_reset_before_headers_once(sandbox: Sandbox, tmp_path: Path) -
         ),
         pytest.param(
             {"fault": Fault.RESET}, "network_error", 2 * (RETRIES + 1), id="reset-before-headers"
+        ),
+        pytest.param(
+            {"fault": Fault.STALL_HEADERS, "stall_seconds": 10.0},
+            "timeout",
+            RETRIES + 1,
+            id="stall-before-headers",
         ),
     ],
 )
@@ -443,6 +450,12 @@ STORAGE_ONCE = [
         puts=3,
     ),
     Once("reset-before-headers", [{"fault": Fault.RESET, "nth": (1,)}], [0, 200], [None, None]),
+    Once(
+        "stall-before-headers",
+        [{"fault": Fault.STALL_HEADERS, "stall_seconds": 10.0, "nth": (1,)}],
+        [0, 200],
+        [None, None],
+    ),
     # Sound bytes so far: resumed with Range from where the body broke.
     Once(
         "reset-mid-body",
@@ -604,6 +617,12 @@ STORAGE_ALWAYS = [
     ),
     ("html-page", {"fault": Fault.HTML}, "html_body", RETRIES + 1),
     ("reset-before-headers", {"fault": Fault.RESET}, "network_error", 2 * (RETRIES + 1)),
+    (
+        "stall-before-headers",
+        {"fault": Fault.STALL_HEADERS, "stall_seconds": 10.0},
+        "stalled",
+        RETRIES + 1,
+    ),
     (
         "stall-before-body",
         {"fault": Fault.STALL, "after_bytes": 0, "stall_seconds": 10.0},
@@ -817,6 +836,32 @@ async def test_unwritable_output_dir_fails_clearly_and_stops_new_downloads(
     assert [p for p in tmp_path.rglob("*") if p.suffix in (".part", ".zip")] == []
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="runner.py: only LocalIOError from Downloader.transfer sets the stop flag and removes "
+    "the .part; one from verify_package/commit_part (rename onto the final path) does not",
+)
+async def test_unwritable_at_commit_also_removes_the_part_and_stops_new_downloads(
+    sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    real_replace = os.replace
+
+    def refusing_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if str(src).endswith(".zip.part"):
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refusing_replace)
+    run = await run_with(sandbox, tmp_path, lambda s: [], jobs=3, downloads=1)
+    outcomes = [j.outcome for j in run.result.jobs]
+    assert outcomes.count(Outcome.FAILED) == 1 and outcomes.count(Outcome.PENDING) == 2
+    failed = next(j for j in run.result.jobs if j.outcome is Outcome.FAILED)
+    assert failed.error_code == "read_only_output"
+    assert [p for p in tmp_path.rglob("*") if p.suffix in (".part", ".zip")] == []
+
+
 @pytest.mark.skipif(
     hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
     reason="root ignores permissions",
@@ -998,3 +1043,56 @@ def test_sandbox_command_serves_the_fault_script(tmp_path: Path) -> None:
     )
     assert wait.total_seconds() == 30
     assert json.loads(answers[2][1])["status"] == "pending"
+
+
+# -- the wire: a reset is a real TCP RST, a short body a clean FIN ---------------------------------
+
+
+async def _raw_get(sandbox: Sandbox, url: str) -> tuple[bytes, BaseException | None]:
+    """GET ``url`` over a bare socket; return the bytes received and how the connection ended."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    target_path = parts.path + (f"?{parts.query}" if parts.query else "")
+    writer.write(f"GET {target_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    received = b""
+    ended: BaseException | None = None
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            if not chunk:
+                break
+            received += chunk
+    except ConnectionResetError as exc:
+        ended = exc
+    writer.close()
+    return received, ended
+
+
+@pytest.mark.parametrize(
+    ("fault", "reset", "body_bytes"),
+    [
+        (Fault.RESET, True, None),
+        (Fault.RESET_MID_BODY, True, 3000),
+        (Fault.SHORT_BODY, False, 3000),
+    ],
+)
+async def test_resets_are_real_rsts_and_short_bodies_clean_closes(
+    sandbox: Sandbox, tmp_path: Path, fault: Fault, reset: bool, body_bytes: int | None
+) -> None:
+    spec = make_specs(sandbox, 1)[0]
+    run = await run_with(sandbox, tmp_path, lambda s: [], specs=[spec])
+    url = f"{sandbox.storage_url}{run.gets()[0].path}?{run.gets()[0].query}"
+    script = FaultScript([Rule(fault, "storage", after_bytes=3000)])
+    sandbox.faults.add(script)
+    received, ended = await _raw_get(sandbox, url)
+    assert isinstance(ended, ConnectionResetError) is reset
+    if body_bytes is None:
+        assert received == b""
+    else:
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert len(body) == body_bytes

@@ -78,6 +78,8 @@ class ScriptedResponse:
         headers: Headers to send (``Date`` is added unless given).
         body: The body the headers describe.
         reset_before_headers: Send nothing at all: reset the connection (TCP RST) at once.
+        stall_before_headers: Send nothing for this many seconds (or until the client leaves),
+            then close the connection without an answer; ``None``: no stall.
         cut_after_bytes: Send only this many body bytes, then end the connection as ``ending``
             says; ``None`` sends the whole body.
         ending: How the connection ends after a cut (:class:`Ending`).
@@ -95,6 +97,7 @@ class ScriptedResponse:
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     reset_before_headers: bool = False
+    stall_before_headers: float | None = None
     cut_after_bytes: int | None = None
     ending: Ending = Ending.CLOSE
     stall_seconds: float = 0.0

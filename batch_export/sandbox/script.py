@@ -29,6 +29,7 @@ Faults (and the origins where each may be used)::
     reset_mid_body        api, storage   headers, ``after_bytes`` of the body, then TCP RST
     short_body            api, storage   full Content-Length, ``after_bytes``, then a clean close
     stall                 api, storage   headers, ``after_bytes``, silence for ``stall_seconds``
+    stall_headers         api, storage   no answer at all for ``stall_seconds``, then a close
     content_length_long   api, storage   Content-Length says ``delta`` bytes more than the body
     content_length_short  api, storage   Content-Length says ``delta`` bytes fewer (and only those
                                          are sent)
@@ -91,6 +92,7 @@ class Fault(enum.StrEnum):
     RESET_MID_BODY = "reset_mid_body"
     SHORT_BODY = "short_body"
     STALL = "stall"
+    STALL_HEADERS = "stall_headers"
     CONTENT_LENGTH_LONG = "content_length_long"
     CONTENT_LENGTH_SHORT = "content_length_short"
     CHUNKED_SHORT = "chunked_short"
@@ -121,6 +123,7 @@ ORIGINS: Mapping[Fault, frozenset[str]] = {
     _F.RESET_MID_BODY: _BOTH,
     _F.SHORT_BODY: _BOTH,
     _F.STALL: _BOTH,
+    _F.STALL_HEADERS: _BOTH,
     _F.CONTENT_LENGTH_LONG: _BOTH,
     _F.CONTENT_LENGTH_SHORT: _BOTH,
     _F.CHUNKED_SHORT: _BOTH,
@@ -622,6 +625,8 @@ def _answer(rule: Rule, document: bytes, document_type: str, *, api: bool) -> An
         )
     if fault is _F.RESET:
         return ScriptedResponse(reset_before_headers=True)
+    if fault is _F.STALL_HEADERS:
+        return ScriptedResponse(stall_before_headers=rule.stall_seconds)
     typed = {"Content-Type": document_type}
     half = len(document) // 2
     after = rule.after_bytes if rule.after_bytes is not None else half

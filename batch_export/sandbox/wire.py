@@ -126,6 +126,12 @@ async def send_scripted(
         request[STATUS_KEY] = 0
         reset(request)
         return response
+    if answer.stall_before_headers is not None:
+        request[STATUS_KEY] = 0
+        await stall(request, answer.stall_before_headers)
+        if request.transport is not None:
+            request.transport.close()
+        return response
     body = answer.body
     announced = max(0, len(body) + answer.length_delta)
     to_send = len(body)

@@ -163,8 +163,11 @@ def resolve_api_key(manifest: Manifest, environ: dict[str, str] | None = None) -
     key = sources[0][1]().strip()
     if not key:
         raise UsageError(f"the API key from {sources[0][0]} is empty")
-    if re.search(r"[\r\n\x00]", key):
-        raise UsageError(f"the API key from {sources[0][0]} contains a line break or NUL")
+    if not re.fullmatch(r"[\x21-\x7e]+", key):
+        # An HTTP header value: printable ASCII only (a line break would split the request).
+        raise UsageError(
+            f"the API key from {sources[0][0]} has characters other than printable ASCII"
+        )
     return key
 
 

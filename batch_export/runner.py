@@ -484,6 +484,7 @@ class Runner:
         part = part_path(job.final)
         if job.record.state is not JobState.DOWNLOADING:
             await self._set(job, JobState.DOWNLOADING)
+        await anyio.to_thread.run_sync(self._check_inside_out_dir, job.final)
 
         async def on_attempt(offset: int, etag: str | None, total: int | None) -> None:
             job.bytes_done = offset
@@ -537,6 +538,22 @@ class Runner:
             error_http_status=None,
         )
         return True
+
+    def _check_inside_out_dir(self, final: Path) -> None:
+        """Refuse a final path that a symlink inside the output dir would send elsewhere.
+
+        Raises:
+            LocalIOError: ``path_escape``.
+        """
+        root = self.settings.out_dir.resolve()
+        parent = final.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.resolve().is_relative_to(root):
+            raise LocalIOError(
+                f"{final.parent} leads outside the output dir (a symlink?); refusing to write",
+                code="path_escape",
+            )
 
     def _refresh_allowed(self, job: Job) -> bool:
         return self._refreshes.get(job.key, 0) < MAX_URL_REFRESHES

@@ -359,3 +359,23 @@ def test_tls_mismatch_fails_each_job_at_once(sandbox: Sandbox, tmp_path: Path) -
     doc = json.loads(report.read_text())
     assert [job["error"]["code"] for job in doc["jobs"]] == ["tls_error", "tls_error"]
     assert doc["requests"]["api"] == 2  # one attempt per job, no retries
+
+
+def test_key_with_a_line_break_or_non_ascii_is_refused_without_echo(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        'version: 1\nexports:\n  - {aoi_id: "a", insight_id: "b", outputs: ["c"]}\n'
+    )
+    for bad in ("abc\r\nX-Injected: 1", "clé-secrète"):
+        key_file = tmp_path / "key"
+        key_file.write_text(bad)
+        proc = cli(
+            "run",
+            str(manifest),
+            "--api-url",
+            "http://127.0.0.1:9",
+            env={"PIXXEL_API_KEY_FILE": str(key_file)},
+        )
+        assert proc.returncode == 2
+        assert "printable ASCII" in proc.stderr
+        assert bad.split()[0] not in proc.stderr and "secr" not in proc.stderr

@@ -368,3 +368,19 @@ async def test_api_key_reaches_only_the_api(
         for path in tmp_path.rglob("*"):
             if path.is_file():
                 assert KEY.encode() not in path.read_bytes(), path
+
+
+async def test_symlink_in_output_dir_cannot_redirect_a_package(tmp_path: Path) -> None:
+    config = SandboxConfig(keys=(KEY,), asset_size=2000, rate=None)
+    async with Sandbox(config) as sandbox:
+        specs = specs_from(sandbox, 2, aois=1)
+        out = tmp_path / "out"
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (out / specs[0].aoi_id).mkdir(parents=True)
+        (out / specs[0].aoi_id / specs[0].insight_id).symlink_to(outside)
+        result = await run(sandbox, specs, out)
+        assert result.jobs[0].outcome is Outcome.FAILED
+        assert result.jobs[0].error_code == "path_escape"
+        assert list(outside.iterdir()) == []
+        assert result.jobs[1].outcome is Outcome.DOWNLOADED

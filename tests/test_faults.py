@@ -754,6 +754,34 @@ async def test_url_expired_at_the_storage_between_break_and_resume(tmp_path: Pat
         assert statuses(run.puts()) == [200, 200, 200]
 
 
+async def test_url_expired_when_issued_is_refreshed_three_times_then_fails(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    run = await run_with(
+        sandbox, tmp_path, lambda s: [target(s, origin="api", fault=Fault.URL_LIFETIME, lifetime=0)]
+    )
+    assert_failed(run, "url_rejected")
+    assert run.job().error_http_status == 403
+    # pending, ready, then 3 refreshes (each URL known expired); the last one is tried anyway.
+    assert statuses(run.puts()) == [200] * 5
+    assert statuses(run.gets()) == [403]
+    assert_others_done(run)
+
+
+async def test_storage_refusing_every_url_costs_three_refreshes_then_fails(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    run = await run_with(
+        sandbox,
+        tmp_path,
+        lambda s: [target(s, origin="storage", fault=Fault.HTTP_ERROR, status=403)],
+    )
+    assert_failed(run, "url_rejected")
+    assert statuses(run.gets()) == [403] * 4
+    assert statuses(run.puts()) == [200] * 5
+    assert_others_done(run)
+
+
 class MaxJitter(random.Random):
     """Backoff and poll jitter at their upper bound: waits are exact."""
 
@@ -925,7 +953,7 @@ def test_script_from_yaml_and_json(tmp_path: Path) -> None:
         ("rules: [{on: api, fault: reset}]", "rules[0]: unknown key(s): True ('on' is 'origin')"),
         ("rules: {origin: api}", "'rules' must be a list"),
         ("seed: x\nrules: []", "seed must be a whole number"),
-        ("rules: [", "not valid JSON/YAML"),
+        ("rules: [", ":1:9: not valid YAML: expected the node content"),
     ],
 )
 def test_script_errors_name_the_rule(tmp_path: Path, text: str, message: str) -> None:

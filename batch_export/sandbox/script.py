@@ -332,7 +332,7 @@ class FaultScript(FaultHook):
     """A fault hook driven by :class:`Rule` s; install with ``sandbox.faults.add(script)``.
 
     Args:
-        rules: The rules, asked in order (the first that picks a request wins it).
+        rules: The rules, asked in order (how they combine: see the module docstring).
         seed: Seeds the decisions of rules with a ``probability``.
 
     Attributes:
@@ -391,8 +391,16 @@ class FaultScript(FaultHook):
             raise ValueError(f"{path}: cannot read: {exc}") from None
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except Exception as exc:  # the parsers raise several types
-            raise ValueError(f"{path}: not valid JSON/YAML: {type(exc).__name__}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}"
+            ) from None
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+            raise ValueError(f"{path}:{where} not valid YAML: {exc.problem or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {type(exc).__name__}") from None
         try:
             return cls.from_dict(data)
         except ValueError as exc:

@@ -8,15 +8,18 @@ zip signature and every member's CRC; fsync, atomic rename, fsync the folder.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import errno
+import functools
 import hashlib
 import os
 import random
 import re
 import zipfile
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -50,6 +53,9 @@ __all__ = [
 
 #: Bytes handed to the writer thread at once (SPEC §4: at least 1 MiB).
 PIECE_SIZE = 1024 * 1024
+#: Threads that hash pieces while the writer threads write them (shared by all downloads).
+_HASH_THREADS = 8
+_hashers: ThreadPoolExecutor | None = None
 _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -85,12 +91,18 @@ class Transfer:
 
 
 class _PartSink:
-    """The ``.part`` file plus running hashes; every method runs in a worker thread."""
+    """The ``.part`` file plus running hashes; every method runs in a worker thread.
 
-    def __init__(self, path: Path, resume_from: int) -> None:
+    SHA-256 always; MD5 only once a server promised one (:meth:`want_md5` catches up on the bytes
+    already written), since it costs more CPU than the rest of the download path together. A piece
+    is hashed on a helper thread while this thread writes it (both release the GIL), so it costs
+    the longer of the two, not their sum.
+    """
+
+    def __init__(self, path: Path, resume_from: int, *, md5: bool = True) -> None:
         self.path = path
         self._sha = hashlib.sha256()
-        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._md5: Any = hashlib.md5(usedforsecurity=False) if md5 else None
         self.size = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file: BinaryIO = open(path, "r+b" if resume_from and path.exists() else "w+b")
@@ -103,30 +115,57 @@ class _PartSink:
             block = self._file.read(min(PIECE_SIZE * 4, upto - self.size))
             if not block:
                 break
-            self._sha.update(block)
-            self._md5.update(block)
+            self._hash(block)
             self.size += len(block)
         self._file.seek(self.size)
         self._file.truncate()
+
+    def want_md5(self) -> None:
+        """Keep an MD5 from now on, first hashing the bytes already in the file."""
+        if self._md5 is not None:
+            return
+        md5 = hashlib.md5(usedforsecurity=False)
+        self._file.flush()
+        with open(self.path, "rb") as handle:
+            left = self.size
+            while left > 0:
+                block = handle.read(min(PIECE_SIZE * 4, left))
+                if not block:
+                    raise OSError(errno.EIO, f"{self.path} is shorter than the bytes written")
+                md5.update(block)
+                left -= len(block)
+        self._md5 = md5
 
     def reset(self) -> None:
         """Throw away the bytes so far and start again from 0."""
         self._file.seek(0)
         self._file.truncate()
-        self._sha, self._md5, self.size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+        self._sha, self.size = hashlib.sha256(), 0
+        if self._md5 is not None:
+            self._md5 = hashlib.md5(usedforsecurity=False)
+
+    def _hash(self, data: bytes) -> None:
+        self._sha.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
 
     def write(self, data: bytes) -> None:
-        """Append ``data`` and hash it (hashlib releases the GIL for large buffers)."""
-        self._file.write(data)
-        self._sha.update(data)
-        self._md5.update(data)
+        """Append ``data`` and hash it, the hashing on a helper thread meanwhile."""
+        global _hashers
+        if _hashers is None:
+            _hashers = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="batch-export-hash")
+        hashing = _hashers.submit(self._hash, data)
+        try:
+            self._file.write(data)
+        finally:
+            hashing.result()  # never leave it running, even when the write failed
         self.size += len(data)
 
     def finish(self) -> tuple[str, str]:
-        """Flush and fsync the file; return ``(sha256, md5)`` hex digests."""
+        """Flush and fsync the file; return ``(sha256, md5)`` hex digests (md5 "" if not kept)."""
         self._file.flush()
         os.fsync(self._file.fileno())
-        return self._sha.hexdigest(), self._md5.hexdigest()
+        return self._sha.hexdigest(), "" if self._md5 is None else self._md5.hexdigest()
 
     def close(self) -> None:
         """Close the file (idempotent; never raises).
@@ -312,11 +351,16 @@ class Downloader:
         try:
             async with self._get(url, headers) as resp:
                 start = await self._accept(resp, state, offset)
+                promised = state.expected_md5 is not None
                 if holder.sink is None:
-                    holder.sink = await _local(_PartSink, part, start)
+                    holder.sink = await _local(
+                        functools.partial(_PartSink, part, start, md5=promised)
+                    )
                 elif holder.sink.size != start:
                     await _local(holder.sink.reset)
                 sink = holder.sink
+                if promised:
+                    await _local(sink.want_md5)
                 await on_attempt(start, state.etag, state.expected_size)
                 await self._stream(resp, sink, on_bytes)
                 if state.expected_size is not None and sink.size > state.expected_size:
@@ -406,22 +450,46 @@ class Downloader:
     async def _stream(
         self, resp: aiohttp.ClientResponse, sink: _PartSink, on_bytes: Callable[[int], None]
     ) -> None:
-        buffer = bytearray()
+        """Copy the body into ``sink`` in pieces of at least :data:`PIECE_SIZE` bytes.
+
+        One piece is written (in a worker thread) while the next one is received, so the network
+        and the disk work at the same time; at most two pieces are held in memory.
+        """
+        chunks: list[bytes] = []
+        gathered = 0
+        writing: tuple[asyncio.Task[None], int] | None = None  # the piece on its way to disk
+
+        async def drain() -> None:
+            nonlocal writing
+            if writing is None:
+                return
+            task, size = writing
+            try:
+                await asyncio.shield(task)  # a cancelled stream still lets the write finish
+            finally:
+                if task.done():
+                    writing = None
+            on_bytes(size)
+
         try:
             async for chunk in resp.content.iter_any():
-                buffer += chunk
-                if len(buffer) >= PIECE_SIZE:
-                    data = bytes(buffer)
-                    buffer.clear()
-                    await _local(sink.write, data)
-                    on_bytes(len(data))
+                chunks.append(chunk)
+                gathered += len(chunk)
+                if gathered >= PIECE_SIZE:
+                    data = b"".join(chunks)
+                    chunks.clear()
+                    gathered = 0
+                    await drain()
+                    writing = (asyncio.ensure_future(_local(sink.write, data)), len(data))
         finally:
             # Also on a broken connection: the bytes received so far are sound (same ETag,
             # checked offset) and a resume continues after them.
-            if buffer:
-                with anyio.CancelScope(shield=True):  # also when a stop cancels us
-                    await _local(sink.write, bytes(buffer))
-                on_bytes(len(buffer))
+            with anyio.CancelScope(shield=True):  # also when a stop cancels us
+                await drain()
+                if chunks:
+                    data = b"".join(chunks)
+                    await _local(sink.write, data)
+                    on_bytes(len(data))
 
 
 def _fitting_range(

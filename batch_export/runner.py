@@ -520,13 +520,24 @@ class Runner:
         await self._set(job, JobState.VERIFYING)
         try:
             await anyio.to_thread.run_sync(verify_package, part, transfer)
+            await anyio.to_thread.run_sync(commit_part, part, job.final)
         except VerificationError:
             await anyio.to_thread.run_sync(discard_part, part)
             if verify_failures >= 1:
                 raise
             await self._set(job, JobState.DOWNLOADING, part_etag=None)
             raise _VerifyAgain() from None
-        await anyio.to_thread.run_sync(commit_part, part, job.final)
+        except (LocalIOError, OSError) as exc:
+            # The disk failed us after the bytes arrived: same policy as during the transfer.
+            self._stop_downloads = True
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_discard_quietly, part)
+            if isinstance(exc, LocalIOError):
+                raise
+            raise LocalIOError(
+                f"cannot read back or commit the package: {exc.strerror or type(exc).__name__}",
+                code="local_io",
+            ) from None
         await self._set(
             job,
             JobState.DONE,
@@ -630,6 +641,13 @@ class _Guarded:
 
 class _VerifyAgain(Exception):
     """Verification failed once: the ``.part`` is gone; download from 0 again."""
+
+
+def _discard_quietly(part: Path) -> None:
+    try:
+        discard_part(part)
+    except OSError:
+        pass  # the disk is failing: the next run removes or resumes it
 
 
 def _intact(job: Job) -> bool:

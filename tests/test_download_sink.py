@@ -1,0 +1,176 @@
+"""The ``.part`` sink's streaming digests and the zip check from block CRCs (no server needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+
+from batch_export import download
+from batch_export.download import CRC_BLOCK, Transfer, verify_package
+from batch_export.errors import VerificationError
+
+B = CRC_BLOCK
+
+
+def blocks_of(data: bytes) -> list[int]:
+    return [zlib.crc32(data[i : i + B]) for i in range(0, len(data), B)]
+
+
+def write_in_random_pieces(sink: download._PartSink, data: bytes, seed: int) -> None:
+    rng = random.Random(seed)
+    position = 0
+    while position < len(data):
+        count = rng.randint(1, 3 * B)
+        sink.write(data[position : position + count])
+        position += count
+
+
+@pytest.mark.parametrize("size", [0, 1, B - 1, B, B + 1, 3 * B + 4321])
+def test_sink_keeps_sha256_and_block_crcs_of_what_it_wrote(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    sink = download._PartSink(tmp_path / "x.part", 0, md5=False)
+    write_in_random_pieces(sink, data, size)
+    sha256, md5 = sink.finish()
+    sink.close()
+    assert (tmp_path / "x.part").read_bytes() == data
+    assert sha256 == hashlib.sha256(data).hexdigest()
+    assert md5 == ""  # not promised, not computed
+    assert sink.block_crcs() == blocks_of(data)
+
+
+def test_resumed_sink_rehashes_the_prefix_and_md5_catches_up(tmp_path: Path) -> None:
+    data = os.urandom(2 * B + 999)
+    cut = B + 17
+    (tmp_path / "x.part").write_bytes(data[:cut] + b"garbage past the resume point")
+    sink = download._PartSink(tmp_path / "x.part", cut, md5=False)
+    sink.write(data[cut : cut + 5000])
+    sink.want_md5()  # a later answer promised an MD5: hash what is already on disk first
+    sink.write(data[cut + 5000 :])
+    sha256, md5 = sink.finish()
+    sink.close()
+    assert (tmp_path / "x.part").read_bytes() == data
+    assert (sha256, md5) == (hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())
+    assert sink.block_crcs() == blocks_of(data)
+
+
+def test_reset_starts_every_digest_again(tmp_path: Path) -> None:
+    sink = download._PartSink(tmp_path / "x.part", 0, md5=True)
+    sink.write(os.urandom(B + 3))
+    sink.reset()
+    data = os.urandom(B // 2)
+    sink.write(data)
+    assert sink.finish() == (hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())
+    sink.close()
+    assert sink.block_crcs() == blocks_of(data)
+
+
+@pytest.mark.parametrize(
+    ("start", "end"), [(0, 0), (0, 5 * B + 7), (7, 3 * B + 5), (B, 3 * B), (B - 1, B + 1), (5, 9)]
+)
+def test_range_crc_from_blocks_equals_zlib(start: int, end: int) -> None:
+    data = os.urandom(5 * B + 7)
+    handle = io.BytesIO(data)
+    assert download._range_crc(handle, blocks_of(data), start, end) == zlib.crc32(data[start:end])
+
+
+def make_zip(members: list[tuple[str, int, int]]) -> bytes:
+    """A zip of (name, size, compression) members with random content."""
+    out = io.BytesIO()
+    rng = random.Random(7)
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, size, compression in members:
+            archive.writestr(
+                zipfile.ZipInfo(name, (2026, 11, 29, 0, 0, 0)),
+                rng.randbytes(size),
+                compress_type=compression,
+            )
+    return out.getvalue()
+
+
+MEMBERS = [
+    ("a/stored-big.tif", 2 * B + 100, zipfile.ZIP_STORED),
+    ("b/deflated.tif", 50_000, zipfile.ZIP_DEFLATED),
+    ("c/stored-small.tif", 1000, zipfile.ZIP_STORED),
+    ("d/empty.tif", 0, zipfile.ZIP_STORED),
+    ("e/stored-mid.tif", B, zipfile.ZIP_STORED),
+]
+
+
+def data_offset(data: bytes, name: str) -> int:
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(name)
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"),
+        int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little"),
+    )
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def verdict(tmp_path: Path, data: bytes, *, streamed: bool) -> str | None:
+    """The error code verify_package gives ``data`` (None if it passes)."""
+    part = tmp_path / "p.zip.part"
+    part.write_bytes(data)
+    transfer = Transfer(size=len(data), block_crcs=blocks_of(data) if streamed else None)
+    try:
+        verify_package(part, transfer)
+    except VerificationError as exc:
+        return exc.code
+    return None
+
+
+def flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :]
+
+
+def corruptions() -> list[tuple[str, bytes]]:
+    good = make_zip(MEMBERS)
+    big = data_offset(good, "a/stored-big.tif")
+    small = data_offset(good, "c/stored-small.tif")
+    deflated = data_offset(good, "b/deflated.tif")
+    header = zipfile.ZipFile(io.BytesIO(good)).getinfo("c/stored-small.tif").header_offset
+    return [
+        ("intact", good),
+        ("stored member, first block", flip(good, big + 10)),
+        ("stored member, a whole block inside", flip(good, big + B + 10)),
+        ("stored member, last partial block", flip(good, big + 2 * B + 50)),
+        ("small stored member", flip(good, small + 3)),
+        ("deflated member", flip(good, deflated + 100)),
+        ("local header name", flip(good, header + 30)),
+        ("local header signature", flip(good, header)),
+        ("truncated before the central directory", good[: big + 3 * B]),
+    ]
+
+
+@pytest.mark.parametrize(("case", "data"), corruptions(), ids=[c for c, _ in corruptions()])
+def test_block_crc_check_agrees_with_reading_every_member(
+    tmp_path: Path, case: str, data: bytes
+) -> None:
+    streamed = verdict(tmp_path, data, streamed=True)
+    read = verdict(tmp_path, data, streamed=False)
+    assert streamed == read
+    assert (streamed is None) == (case == "intact")
+
+
+def test_member_running_past_the_end_is_a_bad_zip(tmp_path: Path) -> None:
+    good = make_zip(MEMBERS[:1])
+    info = zipfile.ZipFile(io.BytesIO(good)).getinfo("a/stored-big.tif")
+    # Grow the central directory's sizes past the end of the file.
+    central = good.rindex(b"PK\x01\x02")
+    sizes = (info.compress_size + 10 * B).to_bytes(4, "little")
+    bad = good[: central + 20] + sizes + sizes + good[central + 28 :]
+    assert verdict(tmp_path, bad, streamed=True) == "bad_zip"
+    assert verdict(tmp_path, bad, streamed=False) == "bad_zip"
+
+
+def test_block_crcs_of_other_bytes_are_not_trusted(tmp_path: Path) -> None:
+    data = make_zip(MEMBERS)
+    part = tmp_path / "p.zip.part"
+    part.write_bytes(data)
+    # Fewer blocks than the file has: ignored, the members are read instead (and pass).
+    verify_package(part, Transfer(size=len(data), block_crcs=blocks_of(data)[:-1]))

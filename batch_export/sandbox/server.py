@@ -219,6 +219,9 @@ class Sandbox:
         self._build_slots = asyncio.Semaphore(_MAX_PARALLEL_BUILDS)
         self._api_requests = 0
         self._runners: list[web.AppRunner] = []
+        self._active = 0  # requests being answered
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -287,6 +290,14 @@ class Sandbox:
         await self.close()
 
     # -- inspection ----------------------------------------------------------------------------
+
+    async def idle(self) -> None:
+        """Wait until no request is being answered, so every record has its final status.
+
+        A client that gave up on an answer (e.g. its read timeout) leaves the handler running a
+        little longer; count requests after this (under ``asyncio.timeout`` if in doubt).
+        """
+        await self._idle.wait()
 
     def requests_to(self, origin: str, method: str | None = None) -> list[RecordedRequest]:
         """Recorded requests to ``origin`` (``"api"``/``"storage"``), optionally of one method."""
@@ -407,6 +418,8 @@ class Sandbox:
                 at=at,
             )
             sandbox.requests.append(entry)  # in order of arrival; status 0 until answered
+            sandbox._active += 1
+            sandbox._idle.clear()
             response: web.StreamResponse | None = None
             body = b""
             try:
@@ -427,6 +440,9 @@ class Sandbox:
                     fault=request.get(FAULT_KEY, ""),
                 )
                 sandbox._replace_record(entry, final)
+                sandbox._active -= 1
+                if sandbox._active == 0:
+                    sandbox._idle.set()
             return response
 
         return record

@@ -37,7 +37,7 @@ _POLL = 0.01  # seconds between checks of a transport's state
 _FLUSH_LIMIT = 2.0  # seconds to wait for the send buffer to empty before a reset
 MAX_STALL = 3600.0
 """Upper bound of any stall (seconds): a stall is a fault, never a hang of the sandbox."""
-SETTLE = 0.05
+SETTLE = 0.1
 """Seconds the bytes before a cut are given to reach the client's reader (see end_connection)."""
 STATUS_KEY = web.RequestKey("sandbox_status", int)
 """The status actually sent on a request (0: none, the connection was reset before headers)."""

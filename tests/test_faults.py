@@ -563,6 +563,22 @@ STORAGE_ONCE = [
         [None, None],
         puts=3,
     ),
+    # A strong ETag that is no MD5 (S3 multipart, SSE-KMS): resumes are fine, and a bad byte in
+    # the resumed part is left to the zip CRC check (computed from the blocks kept while
+    # streaming), which discards the file and fetches it again.
+    Once(
+        "opaque-etag-resume",
+        [{"fault": Fault.OPAQUE_ETAG}, CUT],
+        [200, 206],
+        [None, "bytes=9000-"],
+    ),
+    Once(
+        "opaque-etag-flipped-byte-in-resume",
+        [{"fault": Fault.OPAQUE_ETAG}, CUT, {"fault": Fault.FLIPPED_BYTE, "nth": (2,)}],
+        [200, 206, 200],
+        [None, "bytes=9000-", None],
+        puts=3,
+    ),
     # No validator: bytes so far cannot be proven to belong to the next answer; restart from 0.
     Once(
         "no-etag-then-cut",

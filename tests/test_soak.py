@@ -59,8 +59,8 @@ def soak_rules() -> list[Rule]:
         Rule(Fault.RESET, api, probability=p),
         Rule(Fault.RESET_MID_BODY, api, probability=p),
         Rule(Fault.SHORT_BODY, api, probability=p),
-        Rule(Fault.STALL, api, stall_seconds=2.0, probability=p),
-        Rule(Fault.STALL_HEADERS, api, stall_seconds=2.0, probability=p),
+        Rule(Fault.STALL, api, stall_seconds=3.0, probability=p),
+        Rule(Fault.STALL_HEADERS, api, stall_seconds=3.0, probability=p),
         Rule(Fault.CONTENT_LENGTH_LONG, api, delta=10, probability=p),
         Rule(Fault.CONTENT_LENGTH_SHORT, api, delta=10, probability=p),
         Rule(Fault.CHUNKED_SHORT, api, probability=p),
@@ -75,8 +75,8 @@ def soak_rules() -> list[Rule]:
         Rule(Fault.RESET, storage, probability=p),
         Rule(Fault.RESET_MID_BODY, storage, probability=p),
         Rule(Fault.SHORT_BODY, storage, probability=p),
-        Rule(Fault.STALL, storage, stall_seconds=2.0, probability=p),
-        Rule(Fault.STALL_HEADERS, storage, stall_seconds=2.0, probability=p),
+        Rule(Fault.STALL, storage, stall_seconds=3.0, probability=p),
+        Rule(Fault.STALL_HEADERS, storage, stall_seconds=3.0, probability=p),
         Rule(Fault.CONTENT_LENGTH_LONG, storage, delta=100, probability=p),
         Rule(Fault.CONTENT_LENGTH_SHORT, storage, delta=100, probability=p),
         Rule(Fault.CHUNKED_SHORT, storage, probability=p),
@@ -84,6 +84,7 @@ def soak_rules() -> list[Rule]:
         Rule(Fault.WRONG_ETAG, storage, probability=p),
         Rule(Fault.FLIPPED_BYTE, storage, probability=p),
         Rule(Fault.NO_ETAG, storage, probability=p),
+        Rule(Fault.OPAQUE_ETAG, storage, probability=p),
         Rule(Fault.CONTENT_DISPOSITION, storage, probability=p),
         # Only GETs that resume with Range are candidates: give them a real chance.
         Rule(Fault.IGNORE_RANGE, storage, probability=0.3),
@@ -140,7 +141,7 @@ async def test_soak_every_job_done_or_failed_with_reason_and_no_corrupt_file(
         poll_max_interval=0.02,
         poll_timeout=60.0,
         retries=6,
-        read_timeout=0.3,
+        read_timeout=1.0,  # well above a loaded machine's hiccups, well below a stall
         backoff_base=0.005,
         backoff_cap=0.05,
     )

@@ -41,6 +41,8 @@ Faults (and the origins where each may be used)::
     flipped_byte          storage        one body byte flipped (at ``after_bytes``, default the
                                          middle); every header tells the truth about the package
     no_etag               storage        no ETag at all
+    opaque_etag           storage        a strong ETag that is not an MD5 (S3 multipart upload,
+                                         SSE-KMS): Range resumes allowed, no MD5 to check
     content_disposition   storage        Content-Disposition naming ``filename`` (a hostile path)
     failed                api            the package ends in the failed status
     url_lifetime          api            signed URLs valid for ``lifetime`` seconds
@@ -102,6 +104,7 @@ class Fault(enum.StrEnum):
     WRONG_ETAG = "wrong_etag"
     FLIPPED_BYTE = "flipped_byte"
     NO_ETAG = "no_etag"
+    OPAQUE_ETAG = "opaque_etag"
     CONTENT_DISPOSITION = "content_disposition"
     FAILED = "failed"
     URL_LIFETIME = "url_lifetime"
@@ -133,6 +136,7 @@ ORIGINS: Mapping[Fault, frozenset[str]] = {
     _F.WRONG_ETAG: _STORAGE,
     _F.FLIPPED_BYTE: _STORAGE,
     _F.NO_ETAG: _STORAGE,
+    _F.OPAQUE_ETAG: _STORAGE,
     _F.CONTENT_DISPOSITION: _STORAGE,
     _F.FAILED: _API,
     _F.URL_LIFETIME: _API,
@@ -152,6 +156,7 @@ _PLAN_FAULTS = frozenset(
         _F.WRONG_ETAG,
         _F.FLIPPED_BYTE,
         _F.NO_ETAG,
+        _F.OPAQUE_ETAG,
         _F.CONTENT_DISPOSITION,
     }
 )
@@ -581,6 +586,8 @@ def _adjust(plan: StoragePlan, rule: Rule) -> None:
         plan.flip_byte_at = -1 if rule.after_bytes is None else rule.after_bytes  # -1: middle
     elif fault is _F.NO_ETAG:
         plan.etag = ""
+    elif fault is _F.OPAQUE_ETAG:
+        plan.etag = plan.etag or '"9b2cf535f27731c974343645a3985328-2"'  # multipart-style
     elif fault is _F.CONTENT_DISPOSITION:
         plan.headers["Content-Disposition"] = f'attachment; filename="{rule.filename}"'
 

@@ -717,7 +717,7 @@ class Sandbox:
         range_header = None if plan.ignore_range else request.headers.get("Range")
         if_range = request.headers.get("If-Range")
         if range_header is not None and (
-            if_range is None or if_range in (built.etag, last_modified)
+            if_range is None or if_range in (built.etag, last_modified, etag or built.etag)
         ):
             try:
                 wanted = _byte_range(range_header, total)

@@ -403,6 +403,8 @@ class Runner:
     async def _drive(self, job: Job) -> None:
         verify_failures = 0
         while True:
+            if self._stop_downloads:
+                raise _Stop()
             async with self._in_flight:
                 package = await self._request_until_ready(job)
             async with self._download_slots:
@@ -466,6 +468,8 @@ class Runner:
                     http_status=200,
                 )
             await self._clock.sleep(interval)
+            if self._stop_downloads:  # nothing could be downloaded: stop polling
+                raise _Stop()
 
     async def _download(self, job: Job, package: PackageStatus, verify_failures: int) -> bool:
         """``ready`` -> ``downloading`` -> ``verifying`` -> ``done``.
@@ -556,11 +560,12 @@ class Runner:
         Raises:
             LocalIOError: ``path_escape``.
         """
-        root = self.settings.out_dir.resolve()
+        out_dir = self.settings.out_dir
         parent = final.parent
-        while not parent.exists() and parent != parent.parent:
+        # The nearest folder that exists, never above the output dir (which may not exist yet).
+        while not parent.exists() and parent != out_dir and parent != parent.parent:
             parent = parent.parent
-        if not parent.resolve().is_relative_to(root):
+        if parent.exists() and not parent.resolve().is_relative_to(out_dir.resolve()):
             raise LocalIOError(
                 f"{final.parent} leads outside the output dir (a symlink?); refusing to write",
                 code="path_escape",

@@ -375,7 +375,10 @@ class Runner:
                 # Left by a crashed run: recovery (not a lifecycle step) sends it to requesting.
                 job.recovering = True
             elif record.state is not JobState.QUEUED:
-                await self._set(job, JobState.QUEUED)
+                # failed/done -> queued is kept in memory only: a crash before the job's next
+                # (saved) step leaves it failed/done, which the next run re-queues the same way.
+                # Saving 100,000 of these one by one would cost minutes.
+                await self._set(job, JobState.QUEUED, save=False)
 
     # ----------------------------------------------------------------- one job
 
@@ -576,14 +579,17 @@ class Runner:
 
     # ----------------------------------------------------------------- helpers
 
-    async def _set(self, job: Job, state: JobState, **changes: object) -> None:
+    async def _set(
+        self, job: Job, state: JobState, *, save: bool = True, **changes: object
+    ) -> None:
         """Advance ``job`` to ``state`` (checked against the table), then save it."""
         if job.recovering and state is JobState.REQUESTING:
             job.recovering = False  # crash recovery: unfinished -> requesting, keep the .part
         else:
             advance(job.record.state, state)
         job.record = job.record.evolve(state=state, **changes)
-        await self._store.save(job.record)
+        if save:
+            await self._store.save(job.record)
         self._observer.job_state(job)
 
     async def _fail(self, job: Job, exc: JobError) -> None:

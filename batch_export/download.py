@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import errno
 import functools
 import hashlib
@@ -58,6 +59,8 @@ __all__ = [
 PIECE_SIZE = 1024 * 1024
 #: Block size of the CRC-32s kept while streaming, from which members' CRCs are checked (bytes).
 CRC_BLOCK = 1024 * 1024
+#: Pieces of one download received but not yet written, at most.
+_PIECES_IN_FLIGHT = 3
 #: Threads that hash pieces while the writer threads write them (shared by all downloads).
 _HASH_THREADS = 8
 _hashers: ThreadPoolExecutor | None = None
@@ -162,12 +165,12 @@ class _PartSink:
             self._md5 = hashlib.md5(usedforsecurity=False)
 
     def _hash(self, data: bytes) -> None:
-        self._sha_and_crc(data)
+        self._sha.update(data)
+        self._crc_update(data)
         if self._md5 is not None:
             self._md5.update(data)
 
-    def _sha_and_crc(self, data: bytes) -> None:
-        self._sha.update(data)
+    def _crc_update(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             take = CRC_BLOCK - self._crc_fill
@@ -187,11 +190,12 @@ class _PartSink:
         global _hashers
         if _hashers is None:
             _hashers = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="batch-export-hash")
-        hashing = [_hashers.submit(self._sha_and_crc, data)]
+        hashing = [_hashers.submit(self._sha.update, data)]
         if self._md5 is not None:
             hashing.append(_hashers.submit(self._md5.update, data))
         try:
             self._file.write(data)
+            self._crc_update(data)  # the cheapest digest, here: the piece costs the same on both
         finally:
             for job in hashing:
                 job.result()  # never leave one running, even when the write failed
@@ -507,23 +511,27 @@ class Downloader:
     ) -> None:
         """Copy the body into ``sink`` in pieces of at least :data:`PIECE_SIZE` bytes.
 
-        One piece is written (in a worker thread) while the next one is received, so the network
-        and the disk work at the same time; at most two pieces are held in memory.
+        Pieces are written (in worker threads, one after the other, in order) while the next ones
+        are received, so the network and the disk work at the same time; at most
+        :data:`_PIECES_IN_FLIGHT` pieces wait for the disk. A piece whose write failed fails
+        every later one without writing it.
         """
         chunks: list[bytes] = []
         gathered = 0
-        writing: tuple[asyncio.Task[None], int] | None = None  # the piece on its way to disk
+        writes: collections.deque[tuple[asyncio.Task[None], int]] = collections.deque()
 
-        async def drain() -> None:
-            nonlocal writing
-            if writing is None:
-                return
-            task, size = writing
+        async def write_after(previous: asyncio.Task[None] | None, data: bytes) -> None:
+            if previous is not None:
+                await asyncio.shield(previous)
+            await _local(sink.write, data)
+
+        async def settle_oldest() -> None:
+            task, size = writes[0]
             try:
                 await asyncio.shield(task)  # a cancelled stream still lets the write finish
             finally:
                 if task.done():
-                    writing = None
+                    writes.popleft()
             on_bytes(size)
 
         try:
@@ -534,13 +542,16 @@ class Downloader:
                     data = b"".join(chunks)
                     chunks.clear()
                     gathered = 0
-                    await drain()
-                    writing = (asyncio.ensure_future(_local(sink.write, data)), len(data))
+                    if len(writes) >= _PIECES_IN_FLIGHT:
+                        await settle_oldest()
+                    previous = writes[-1][0] if writes else None
+                    writes.append((asyncio.ensure_future(write_after(previous, data)), len(data)))
         finally:
             # Also on a broken connection: the bytes received so far are sound (same ETag,
             # checked offset) and a resume continues after them.
             with anyio.CancelScope(shield=True):  # also when a stop cancels us
-                await drain()
+                while writes:
+                    await settle_oldest()  # the first failed write raises here
                 if chunks:
                     data = b"".join(chunks)
                     await _local(sink.write, data)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import random
+import time
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from batch_export import download
 from batch_export.download import CRC_BLOCK, Transfer, verify_package
-from batch_export.errors import VerificationError
+from batch_export.errors import LocalIOError, VerificationError
 
 B = CRC_BLOCK
 
@@ -174,3 +178,80 @@ def test_block_crcs_of_other_bytes_are_not_trusted(tmp_path: Path) -> None:
     part.write_bytes(data)
     # Fewer blocks than the file has: ignored, the members are read instead (and pass).
     verify_package(part, Transfer(size=len(data), block_crcs=blocks_of(data)[:-1]))
+
+
+class FakeBody:
+    """An aiohttp-like response whose body arrives in the given chunks."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.content = self
+        self._chunks = chunks
+
+    async def iter_any(self) -> Any:
+        for chunk in self._chunks:
+            await anyio.sleep(0)
+            yield chunk
+
+
+def chunked(data: bytes, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out, position = [], 0
+    while position < len(data):
+        count = rng.randint(1, 300_000)
+        out.append(data[position : position + count])
+        position += count
+    return out
+
+
+def downloader() -> download.Downloader:
+    return download.Downloader(None, clock=None, retries=0, read_timeout=1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_pieces_in_flight_reach_the_file_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(9 * B + 12345)
+    original = download._PartSink.write
+    rng = random.Random(3)
+
+    def slow_write(self: download._PartSink, piece: bytes) -> None:
+        time.sleep(rng.random() / 200)  # finish out of step with the receiving side
+        original(self, piece)
+
+    monkeypatch.setattr(download._PartSink, "write", slow_write)
+    sink = download._PartSink(tmp_path / "x.part", 0, md5=False)
+    counted: list[int] = []
+    await downloader()._stream(FakeBody(chunked(data, 1)), sink, counted.append)  # type: ignore[arg-type]
+    sha256, _ = sink.finish()
+    sink.close()
+    assert (tmp_path / "x.part").read_bytes() == data
+    assert sha256 == hashlib.sha256(data).hexdigest()
+    assert sum(counted) == len(data)
+    assert all(n >= download.PIECE_SIZE for n in counted[:-1])  # SPEC §4: pieces of >= 1 MiB
+
+
+@pytest.mark.anyio
+async def test_a_failed_piece_stops_every_later_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(6 * B)
+    original = download._PartSink.write
+    calls: list[int] = []
+
+    def failing_write(self: download._PartSink, piece: bytes) -> None:
+        calls.append(len(piece))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, piece)
+
+    monkeypatch.setattr(download._PartSink, "write", failing_write)
+    sink = download._PartSink(tmp_path / "x.part", 0, md5=False)
+    counted: list[int] = []
+    with pytest.raises(LocalIOError) as caught:
+        await downloader()._stream(FakeBody(chunked(data, 2)), sink, counted.append)  # type: ignore[arg-type]
+    sink.close()
+    assert caught.value.code == "disk_full"
+    assert len(calls) == 2  # nothing after the failed piece was written
+    assert counted == calls[:1]
+    assert (tmp_path / "x.part").read_bytes() == data[: calls[0]]

@@ -15,7 +15,11 @@ __all__ = ["REDACTED", "RedactingFilter", "Redactor", "redact_url"]
 
 REDACTED = "<redacted>"
 # A URL followed by a query string: keep scheme://host/path, drop the query (and fragment).
-_URL_QUERY = re.compile(r"(?i)\b((?:https?|wss?)://[^\s?#\"'<>]*)\?[^\s\"'<>]*")
+# "+" not "*": an already redacted "?<redacted>" does not match again.
+_URL_QUERY = re.compile(r"(?i)\b((?:https?|wss?)://[^\s?#\"'<>]*)\?[^\s\"'<>]+")
+#: Secrets shorter than this are redacted only as whole tokens, so that a (silly) key like "1" does
+#: not turn every digit of a report into "<redacted>".
+_SHORT_SECRET = 8
 
 
 def redact_url(url: str) -> str:
@@ -28,19 +32,42 @@ class Redactor:
     """Removes the given secrets and every URL query string from text."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets: list[str] = []
+        self._short: list[re.Pattern[str]] = []
+        for secret in secrets:
+            self.add(secret)
 
     def add(self, secret: str) -> None:
         """Also redact ``secret`` from now on (ignored when empty)."""
-        if secret and secret not in self._secrets:
-            self._secrets.append(secret)
-            self._secrets.sort(key=len, reverse=True)
+        if not secret or secret in self._secrets:
+            return
+        self._secrets.append(secret)
+        self._secrets.sort(key=len, reverse=True)
+        if len(secret) < _SHORT_SECRET:
+            token = re.escape(secret)
+            self._short.append(re.compile(rf"(?<![A-Za-z0-9_]){token}(?![A-Za-z0-9_])"))
 
     def __call__(self, text: str) -> str:
         """Return ``text`` without secrets or URL query strings."""
         for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
+            if len(secret) >= _SHORT_SECRET:
+                text = text.replace(secret, REDACTED)
+        for pattern in self._short:
+            text = pattern.sub(REDACTED, text)
         return _URL_QUERY.sub(lambda m: f"{m.group(1)}?{REDACTED}", text)
+
+    def redact_values(self, value: object) -> object:
+        """Return ``value`` (JSON-like: dicts, lists, strings, numbers) with every string redacted.
+
+        Numbers and keys are left alone, so the document keeps its shape and types.
+        """
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {key: self.redact_values(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.redact_values(item) for item in value]
+        return value
 
 
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # all but tab: no forged lines

@@ -72,12 +72,11 @@ def _job_entry(job: JobResult) -> dict[str, Any]:
         "polls": job.polls,
         "seconds": job.seconds,
     }
-    if job.outcome is Outcome.FAILED:
-        entry["error"] = {
-            "code": job.error_code,
-            "message": job.error_message,
-            "http_status": job.error_http_status,
-        }
+    entry["error"] = (
+        {"code": job.error_code, "message": job.error_message, "http_status": job.error_http_status}
+        if job.outcome is Outcome.FAILED
+        else None
+    )
     return entry
 
 
@@ -87,7 +86,7 @@ def write_report(report: dict[str, Any], path: Path, *, redactor: Redactor) -> N
     Raises:
         OSError: the folder cannot be created or written.
     """
-    text = redactor(json.dumps(report, indent=2, ensure_ascii=False)) + "\n"
+    text = json.dumps(redactor.redact_values(report), indent=2, ensure_ascii=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=path.parent)
     try:

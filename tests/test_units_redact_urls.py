@@ -84,3 +84,25 @@ def test_log_lines_escape_control_characters() -> None:
     )
     RedactingFilter(Redactor()).filter(record)
     assert record.getMessage() == "server said a\\x1b]0;pwned\\x07\\x0aFAKE LINE"
+
+
+def test_short_keys_are_redacted_as_tokens_and_reports_keep_their_shape() -> None:
+    r = Redactor(["1"])
+    assert r(
+        "run 20261129T030000Z-1a2b: 1 job, key 1"
+    ) == "run 20261129T030000Z-1a2b: 1 job, key 1".replace(" 1 ", " <redacted> ").replace(
+        "key 1", "key <redacted>"
+    )
+    doc = {"run_id": "20261129T030000Z-ab", "counts": {"total": 1}, "msg": "Authorization: 1"}
+    assert r.redact_values(doc) == {
+        "run_id": "20261129T030000Z-ab",
+        "counts": {"total": 1},
+        "msg": "Authorization: <redacted>",
+    }
+
+
+def test_redacted_query_is_not_redacted_twice() -> None:
+    r = Redactor()
+    once = r("GET http://h/p.zip?sig=1")
+    assert once == "GET http://h/p.zip?<redacted>"
+    assert r(once) == once

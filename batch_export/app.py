@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import anyio
 
@@ -26,6 +27,7 @@ from batch_export.progress import FanOut, LogObserver, ProgressDisplay
 from batch_export.redact import Redactor
 from batch_export.report import build_report, new_run_id, write_report
 from batch_export.runner import Outcome, Runner, RunObserver, RunResult, Settings
+from batch_export.signals import SIGNAL_NAMES, Interrupted, install_handlers
 from batch_export.store import SqliteStore
 from batch_export.urls import url_refusal
 
@@ -87,10 +89,6 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
         out_dir = manifest.path.absolute().parent / "exports"
     if options.state_dir:
         state_dir = options.state_dir.absolute()
-    elif options.shard:  # each shard its own state dir (and lock), so shards can share an --out
-        state_dir = (
-            out_dir / ".batch-export" / "shards" / f"{options.shard[0]}-of-{options.shard[1]}"
-        )
     else:
         state_dir = out_dir / ".batch-export"
     defaults = Settings(api_url="", out_dir=out_dir, state_dir=state_dir)
@@ -120,7 +118,50 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
         settings = _replace_max_interval(settings)
     if settings.in_flight < 1 or settings.downloads < 1 or settings.rate <= 0:
         raise UsageError("--in-flight and --downloads must be >= 1 and --rate > 0")
+    clash = state_dir_clash(
+        manifest.exports, out_dir=settings.out_dir, state_dir=settings.state_dir
+    )
+    if clash:
+        raise UsageError(clash)
     return settings
+
+
+#: What a state dir holds; no package (or its .part) may land on or under one of these.
+STATE_ENTRIES = (
+    "state.sqlite3",
+    "state.sqlite3-wal",
+    "state.sqlite3-shm",
+    "state.sqlite3-journal",
+    "lock",
+    "reports",
+)
+
+
+def state_dir_clash(specs: tuple[ExportSpec, ...], *, out_dir: Path, state_dir: Path) -> str | None:
+    """Return why the state dir and some package path collide, or None (SPEC §3 collision check).
+
+    A package (or its ``.part``) must not land on a state-dir entry, and the state dir must not lie
+    on or under a package's path.
+    """
+    try:
+        rel = PurePosixPath(state_dir.absolute().relative_to(out_dir.absolute()).as_posix())
+    except ValueError:
+        return None  # the state dir is outside the output dir
+    reserved = {rel / entry for entry in STATE_ENTRIES}
+    for spec in specs:
+        for path in (PurePosixPath(spec.relpath), PurePosixPath(spec.relpath + ".part")):
+            if path in reserved or any(parent in reserved for parent in path.parents):
+                return (
+                    f"export {spec.aoi_id}/{spec.insight_id} ({spec.name}) would write "
+                    f"{out_dir / path}, inside the state dir {state_dir}; choose another "
+                    "--state-dir or output.path"
+                )
+            if path == rel or path in rel.parents:
+                return (
+                    f"the state dir {state_dir} lies on the path of export {spec.aoi_id}/"
+                    f"{spec.insight_id} ({spec.name}); choose another --state-dir"
+                )
+    return None
 
 
 def _replace_max_interval(settings: Settings) -> Settings:
@@ -169,6 +210,23 @@ def resolve_api_key(manifest: Manifest, environ: dict[str, str] | None = None) -
             f"the API key from {sources[0][0]} has characters other than printable ASCII"
         )
     return key
+
+
+def _check_writable(option: str, path: Path) -> None:
+    """Fail before any request if ``path`` cannot be written at the end of the run.
+
+    Raises:
+        UsageError: the folder cannot be created or written, or ``path`` is a folder.
+    """
+    folder = path.absolute().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot create {folder}: {exc.strerror}") from None
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{option} {path}: {folder} is not writable")
 
 
 def _counts(result: RunResult) -> dict[str, int]:
@@ -253,6 +311,12 @@ def execute_run(manifest: Manifest, options: RunOptions) -> int:
                 print(line)
             return 0
         api_key = options.api_key or resolve_api_key(manifest)
+        for option, path in (
+            ("--report", options.report),
+            ("--metrics-file", options.metrics_file),
+        ):
+            if path is not None:
+                _check_writable(option, path)
     except UsageError as exc:
         print(f"batch-export: {redactor(exc.message)}", file=sys.stderr)
         return 2
@@ -260,9 +324,9 @@ def execute_run(manifest: Manifest, options: RunOptions) -> int:
     try:
         with StateLock(settings.state_dir):
             return _run_locked(manifest, settings, options, api_key, redactor, run_id)
-    except KeyboardInterrupt:  # Ctrl-C before the signal handler was in place
-        print("batch-export: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as exc:  # outside the event loop's own watcher: nothing ran, or all saved
+        print(f"batch-export: interrupted by {exc}", file=sys.stderr)
+        return exc.exit_code
     except BatchExportError as exc:
         print(f"batch-export: {redactor(exc.message)}", file=sys.stderr)
         return 75 if exc.code == "locked" else 2
@@ -282,7 +346,31 @@ def _run_locked(
     display: ProgressDisplay | None = None
     last_success: list[float | None] = [None]
 
+    runner_box: list[Runner] = []
+    early_stop: list[str] = []
+
+    async def watch_signals() -> None:
+        # From the first moment of the event loop: before the runner exists, remember the stop.
+        with anyio.open_signal_receiver(*SIGNAL_NAMES) as signals:
+            async for signum in signals:
+                name = SIGNAL_NAMES[signal.Signals(signum)]
+                if early_stop:
+                    log.error("second %s: exiting now", name)
+                    os._exit(128 + signum)
+                early_stop.append(name)
+                if runner_box:
+                    runner_box[0].request_stop(name)
+
     async def main() -> RunResult:
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(watch_signals)
+            try:
+                result = await run_jobs()
+            finally:
+                watchers.cancel_scope.cancel()
+        return result
+
+    async def run_jobs() -> RunResult:
         nonlocal display
         store = await SqliteStore.open(settings.state_dir)
         try:
@@ -299,8 +387,10 @@ def _run_locked(
                 observer=FanOut(observers),
                 redactor=redactor,
                 max_runtime=options.max_runtime,
-                handle_signals=True,
             )
+            runner_box.append(runner)
+            if early_stop:
+                runner.request_stop(early_stop[0])
             log.info(
                 "run %s: %d job(s) from %s into %s",
                 run_id,
@@ -325,7 +415,10 @@ def _run_locked(
             with anyio.CancelScope(shield=True):
                 await store.close()
 
-    result = anyio.run(main)
+    try:
+        result = anyio.run(main)
+    finally:
+        install_handlers()  # asyncio put the default handlers back
     exit_code = result.exit_code
     finished_at = time.time()
     report = build_report(
@@ -336,17 +429,20 @@ def _run_locked(
         result=result,
     )
     report_path = settings.state_dir / "reports" / f"{run_id}.json"
-    write_report(report, report_path, redactor=redactor)
-    if options.report is not None:
-        write_report(report, options.report.absolute(), redactor=redactor)
-    if options.metrics_file is not None:
-        write_metrics(
-            options.metrics_file.absolute(),
-            result=result,
-            exit_code=exit_code,
-            finished_at=finished_at,
-            last_success_at=last_success[0],
-        )
+    try:
+        write_report(report, report_path, redactor=redactor)
+        if options.report is not None:
+            write_report(report, options.report.absolute(), redactor=redactor)
+        if options.metrics_file is not None:
+            write_metrics(
+                options.metrics_file.absolute(),
+                result=result,
+                exit_code=exit_code,
+                finished_at=finished_at,
+                last_success_at=last_success[0],
+            )
+    except OSError as exc:  # checked up front; the disk can still fail at the end
+        log.error("cannot write the report or metrics: %s", exc.strerror or type(exc).__name__)
     _log_summary(result, exit_code, report_path)
     return exit_code
 

@@ -18,6 +18,7 @@ from batch_export.app import RunOptions, execute_run, plan_lines
 from batch_export.errors import BatchExportError, ManifestError
 from batch_export.manifest import Manifest, load_manifest
 from batch_export.sandbox.cli import sandbox_command
+from batch_export.signals import Interrupted, install_handlers
 from batch_export.units import parse_duration
 
 __all__ = ["main"]
@@ -174,9 +175,13 @@ def run(
     The API key comes from the environment variable named by the manifest's api.key_env (default
     PIXXEL_API_KEY), or from a file named by api.key_file or PIXXEL_API_KEY_FILE.
     """
+    install_handlers()  # from here on SIGINT/SIGTERM end in exit 130/143, never a traceback
     if quiet and verbose:
         raise click.UsageError("--quiet and --verbose exclude each other")
-    loaded = _load(manifest)
+    try:
+        loaded = _load(manifest)
+    except Interrupted as exc:
+        sys.exit(exc.exit_code)
     options = RunOptions(
         api_url=api_url,
         out=out,

@@ -328,7 +328,9 @@ class Runner:
         Every transition is already saved and ``.part`` files are kept, so the next run resumes.
         ``reason`` is ``"SIGINT"``, ``"SIGTERM"`` or ``"max_runtime"`` (the first one wins).
         """
-        if self.stopped_by is None:
+        if self.stopped_by is None or (
+            self.stopped_by == "max_runtime" and reason != "max_runtime"
+        ):  # a signal outranks the time budget (exit 130/143 before 3)
             self.stopped_by = reason
             log.warning(
                 "stopping (%s): in-flight work is checkpointed for the next run",

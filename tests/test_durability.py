@@ -319,3 +319,56 @@ def test_shards_partition_the_manifest(sandbox: Sandbox, tmp_path: Path) -> None
         assert all(int(key[:16], 16) % 3 == k for key in keys)
         seen.extend(keys)
     assert len(seen) == len(set(seen)) == 12
+
+
+def test_sigterm_while_parsing_a_big_manifest_exits_143(sandbox: Sandbox, tmp_path: Path) -> None:
+    manifest = tmp_path / "big.yaml"
+    aoi = sandbox.catalog.aois[0]
+    ins = aoi.insights[0]
+    lines = ["version: 1", 'output: {path: "{aoi_id}/{insight_id}/{name}.zip"}', "exports:"]
+    lines += [
+        f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", name: "n{i}", outputs: ["{ins.outputs[0]}"]}}'
+        for i in range(100_000)
+    ]
+    manifest.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen(
+        command(manifest, sandbox),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    time.sleep(
+        1.5
+    )  # past the imports, inside the parse (which takes seconds): not a timing assertion
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "Aborted" not in stderr
+    assert sandbox.requests == []
+
+
+def test_state_dir_inside_the_packages_is_a_usage_error(sandbox: Sandbox, tmp_path: Path) -> None:
+    aoi = sandbox.catalog.aois[0]
+    ins = aoi.insights[0]
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        'version: 1\noutput: {path: "{name}"}\nexports:\n'
+        f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", name: "lock", outputs: ["{ins.outputs[0]}"]}}\n'
+    )
+    out = tmp_path / "out"
+    proc = run(manifest, sandbox, "--out", str(out), "--state-dir", str(out))
+    assert proc.returncode == 2
+    assert "inside the state dir" in proc.stderr
+    assert sandbox.requests == []
+
+
+def test_unwritable_report_path_is_a_usage_error_before_any_request(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path, sandbox, 1)
+    for option in ("--report", "--metrics-file"):
+        proc = run(manifest, sandbox, option, "/dev/null/r.json")
+        assert proc.returncode == 2, proc.stderr
+        assert option in proc.stderr and "Traceback" not in proc.stderr
+    assert sandbox.requests == []

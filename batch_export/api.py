@@ -190,7 +190,12 @@ class PixxelClient:
         headers = {"Authorization": self._key, "Content-Type": "application/json"}
         failures = 0
         while True:
-            await self._limiter.acquire()
+            if not await self._limiter.acquire(deadline=deadline):
+                raise PollTimeout(
+                    "gave up waiting for a turn to send: the rate limit (or a Retry-After pause) "
+                    "outlasts poll_timeout",
+                    job_key=job_key,
+                )
             try:
                 outcome = await self._send(url, payload, headers, job_key)
             except _Retryable as exc:

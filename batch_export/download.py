@@ -599,16 +599,24 @@ class _RedirectingGet:
             if refusal:
                 raise StorageError(refusal, code="url_not_allowed")
             self._d.requests_sent += 1
-            resp = await self._d._session.get(
-                URL(url, encoded=True),
-                headers=self._headers,
-                timeout=self._d._timeout,
-                allow_redirects=False,
-            )
+            try:
+                resp = await self._d._session.get(
+                    URL(url, encoded=True),
+                    headers=self._headers,
+                    timeout=self._d._timeout,
+                    allow_redirects=False,
+                )
+            except ValueError:  # yarl/aiohttp refuse the URL (bad port, bad characters, …)
+                raise StorageError("storage URL is not a valid URL", code="bad_url") from None
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 location = resp.headers["Location"]
                 resp.release()
-                url = str(URL(url, encoded=True).join(URL(location, encoded=True)))
+                try:
+                    url = str(URL(url, encoded=True).join(URL(location, encoded=True)))
+                except ValueError:
+                    raise StorageError(
+                        "storage redirected to an invalid URL", code="bad_url"
+                    ) from None
                 continue
             self._resp = resp
             return resp

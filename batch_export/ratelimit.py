@@ -5,6 +5,11 @@ served, that a 429 pauses for its ``Retry-After`` and slows down: the rate is ha
 pause, never below :data:`MIN_RATE`, then climbs back toward the configured rate while no 429 comes
 (additive increase, multiplicative decrease), so a server whose real limit is below the configured
 rate is followed instead of hammered (SPEC §4).
+
+The climb remembers the rate that drew the last 429 (the *ceiling*): it returns quickly to just
+below it, then probes above it slowly, since the server's limit is most likely right there; only past
+the ceiling does it climb at the usual pace again. So a limit below the configured rate is followed
+closely, and a single stray 429 (jitter) costs about its pause, not many seconds at half rate.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ MIN_RATE = 0.05
 #: Longest pause a Retry-After can impose, seconds (SPEC §4: clamp to 0–900 s).
 MAX_RETRY_AFTER = 900.0
 #: Seconds without a 429 before the rate starts climbing back.
-_CALM_SECONDS = 5.0
+_CALM_SECONDS = 2.0
+#: Per calm second, the climb adds this fraction of the configured rate (past the ceiling) ...
+_CLIMB = 0.05
+#: ... or, up to :data:`_NEAR_CEILING` of the ceiling, this fraction of the ceiling ...
+_CLIMB_TO_CEILING = 0.5
+#: ... or, from there on to the ceiling, this fraction of it (probing).
+_PROBE = 0.01
+_NEAR_CEILING = 0.9
 #: Fraction of an interval a late grant may catch up on (see :meth:`RateLimiter.acquire`).
 _CATCH_UP = 0.5
 
@@ -56,6 +68,7 @@ class RateLimiter:
         self._next_slot = clock.monotonic()
         self._paused_until = 0.0
         self._halved_this_pause = False
+        self._ceiling: float | None = None  # the rate that drew the last 429 (requests/s)
         self._last_429 = -1e18
         self._last_climb = clock.monotonic()
         self._throttled = 0
@@ -73,16 +86,36 @@ class RateLimiter:
             granted=self._granted,
         )
 
-    async def acquire(self) -> None:
-        """Wait for this caller's turn to send one API request (FIFO)."""
+    async def acquire(self, *, deadline: float | None = None) -> bool:
+        """Wait for this caller's turn to send one API request (FIFO).
+
+        Args:
+            deadline: monotonic time (seconds) after which the caller no longer wants its turn
+                (its ``poll_timeout``); ``None``: wait as long as it takes.
+
+        Returns:
+            True when the caller may send now; False (no slot taken) when its turn would come
+            after ``deadline``, e.g. behind a long Retry-After pause.
+        """
         queued = self._lock.locked()
-        async with self._lock:
+        if deadline is None:
+            await self._lock.acquire()
+        else:
+            acquired = False
+            with anyio.move_on_after(max(0.0, deadline - self._clock.monotonic())):
+                await self._lock.acquire()
+                acquired = True
+            if not acquired:
+                return False
+        try:
             while True:
                 now = self._clock.monotonic()
                 self._climb(now)
                 ready_at = max(self._next_slot, self._paused_until)
                 if ready_at <= now:
                     break
+                if deadline is not None and ready_at > deadline:
+                    return False
                 queued = True
                 await self._clock.sleep(ready_at - now)
             # A caller that waited for its slot is granted at the slot, not when it woke up: a
@@ -94,6 +127,9 @@ class RateLimiter:
             start = max(ready_at, now - interval * _CATCH_UP) if queued else now
             self._next_slot = start + interval
             self._granted += 1
+            return True
+        finally:
+            self._lock.release()
 
     def throttled(self, retry_after: float | None) -> None:
         """Record a 429: pause everyone for ``retry_after`` seconds (clamped) and slow down.
@@ -106,6 +142,7 @@ class RateLimiter:
         if now >= self._paused_until:
             self._halved_this_pause = False  # a new pause begins
         if not self._halved_this_pause:
+            self._ceiling = self._rate
             self._rate = max(MIN_RATE, self._rate / 2.0)
             self._halved_this_pause = True
         pause = 1.0 / self._rate if retry_after is None else retry_after
@@ -114,13 +151,21 @@ class RateLimiter:
         self._next_slot = max(self._next_slot, self._paused_until)
 
     def _climb(self, now: float) -> None:
-        # Additive increase: +5 % of the target per calm second, once calm for _CALM_SECONDS.
+        # Additive increase once calm for _CALM_SECONDS: quickly back to just below the ceiling,
+        # slowly on to it, then +5 % of the target per calm second.
         if self._rate >= self._target:
             self._last_climb = now
             return
         if now - self._last_429 < _CALM_SECONDS or now < self._paused_until:
             self._last_climb = now
             return
-        elapsed = now - self._last_climb
+        elapsed = now - max(self._last_climb, self._last_429 + _CALM_SECONDS, self._paused_until)
         self._last_climb = now
-        self._rate = min(self._target, self._rate + 0.05 * self._target * elapsed)
+        ceiling = self._ceiling
+        if ceiling is not None and self._rate < _NEAR_CEILING * ceiling:
+            rate = min(_NEAR_CEILING * ceiling, self._rate + _CLIMB_TO_CEILING * ceiling * elapsed)
+        elif ceiling is not None and self._rate < ceiling:
+            rate = self._rate + _PROBE * ceiling * elapsed
+        else:
+            rate = self._rate + _CLIMB * self._target * elapsed
+        self._rate = min(self._target, rate)

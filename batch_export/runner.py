@@ -119,6 +119,8 @@ class Job:
     bytes_total: int | None = None  # size of the package being downloaded, when announced
     outcome: Outcome = Outcome.PENDING
     recovering: bool = False  # left unfinished by a crashed run
+    verify_failures: int = 0  # packages that failed verification in this run
+    pending_seconds: float = 0.0  # time spent requesting/polling in this run (poll_timeout)
 
     @property
     def key(self) -> str:
@@ -406,7 +408,6 @@ class Runner:
             self._observer.job_finished(self._result(job))
 
     async def _drive(self, job: Job) -> None:
-        verify_failures = 0
         while True:
             if self._stop_downloads:
                 raise _Stop()
@@ -415,17 +416,22 @@ class Runner:
             async with self._download_slots:
                 if self._stop_downloads:
                     raise _Stop()
-                try:
-                    if await self._download(job, package, verify_failures):
-                        return
-                except _VerifyAgain:
-                    verify_failures += 1
-                    continue
+                if await self._download(job, package):
+                    return
 
     async def _request_until_ready(self, job: Job) -> PackageStatus:
         """``requesting`` -> (``preparing`` …) -> ``ready``; returns the ready answer."""
         await self._set(job, JobState.REQUESTING, attempts=job.record.attempts + 1)
-        deadline = self._clock.monotonic() + self.settings.poll_timeout
+        started = self._clock.monotonic()
+        try:
+            return await self._poll_until_ready(job, started)
+        finally:
+            job.pending_seconds += self._clock.monotonic() - started
+
+    async def _poll_until_ready(self, job: Job, started: float) -> PackageStatus:
+        # poll_timeout bounds the job's pending time over all its request cycles in this run
+        # (a refresh after a long download does not start a new budget, nor fail for it).
+        deadline = started + max(0.0, self.settings.poll_timeout - job.pending_seconds)
         interval: float | None = None
         empty_url_answers = 0
         first = True
@@ -476,11 +482,20 @@ class Runner:
             if self._stop_downloads:  # nothing could be downloaded: stop polling
                 raise _Stop()
 
-    async def _download(self, job: Job, package: PackageStatus, verify_failures: int) -> bool:
+    async def _download(self, job: Job, package: PackageStatus) -> bool:
         """``ready`` -> ``downloading`` -> ``verifying`` -> ``done``.
 
+        A package that fails verification is discarded and downloaded once more from 0 with the
+        same URL (``verifying`` -> ``downloading``); a second failure fails the job.
         Returns False when the job must go back to ``requesting`` for a fresh signed URL.
         """
+        while True:
+            done = await self._download_once(job, package)
+            if done is not None:
+                return done
+
+    async def _download_once(self, job: Job, package: PackageStatus) -> bool | None:
+        """One transfer + verification; None means "verification failed once: go again"."""
         expiry = url_expiry(package.signed_url, received_at=package.server_time)
 
         def expired() -> bool:
@@ -530,12 +545,19 @@ class Runner:
         try:
             await anyio.to_thread.run_sync(verify_package, part, transfer)
             await anyio.to_thread.run_sync(commit_part, part, job.final)
-        except VerificationError:
+        except VerificationError as exc:
             await anyio.to_thread.run_sync(discard_part, part)
-            if verify_failures >= 1:
+            job.verify_failures += 1
+            if job.verify_failures >= 2:
                 raise
+            log.info(
+                "job %s: %s; downloading it again from 0",
+                job.key[:12],
+                exc.message,
+                extra={"event": "verify_retry", "key": job.key, "error_code": exc.code},
+            )
             await self._set(job, JobState.DOWNLOADING, part_etag=None)
-            raise _VerifyAgain() from None
+            return None
         except (LocalIOError, OSError) as exc:
             # The disk failed us after the bytes arrived: same policy as during the transfer.
             self._stop_downloads = True
@@ -650,10 +672,6 @@ class _Guarded:
             self._inner.job_finished(result)
         except Exception as exc:  # pragma: no cover
             log.error("progress observer failed: %s: %s", type(exc).__name__, exc)
-
-
-class _VerifyAgain(Exception):
-    """Verification failed once: the ``.part`` is gone; download from 0 again."""
 
 
 def _discard_quietly(part: Path) -> None:

@@ -27,11 +27,14 @@ def url_refusal(url: str, *, allow_http: bool, what: str) -> str | None:
     https is always allowed; http only for loopback hosts or with ``allow_http``; nothing else.
     ``what`` names the URL in the message ("API URL", "signed URL"); queries are redacted.
     """
+    if any(ord(char) < 0x21 or ord(char) == 0x7F for char in url):
+        return f"{what} holds white space or control characters: {redact_url(url)!r}"
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
     except ValueError:
-        return f"{what} is not a valid URL: {redact_url(url)}"
+        return f"{what} is not a valid URL: {redact_url(url)!r}"
     if parts.scheme not in ("https", "http") or not host:
         return f"{what} must be an https:// URL: {redact_url(url)}"
     if parts.scheme == "http" and not (allow_http or is_loopback_host(host)):

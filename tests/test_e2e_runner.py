@@ -315,6 +315,7 @@ async def test_corrupt_package_with_matching_etag_is_caught_by_crc(tmp_path: Pat
         assert not final.exists() and not final.with_name(final.name + ".part").exists()
         corrupt_gets = [g for g in sandbox.requests_to("storage", "GET")]
         assert len(corrupt_gets) == 2 + 2  # the corrupt one twice (restart once), others once
+        assert len(sandbox.requests_to("api", "PUT")) == 3 * 2  # the restart reuses the URL
         for spec in specs[1:]:
             assert sha256(tmp_path / spec.relpath) == served(sandbox, spec)
 

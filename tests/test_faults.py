@@ -420,7 +420,7 @@ class Once:
 
     ``gets``: the statuses of the job's GETs; ``ranges``: their Range headers (``"past-end"``: one
     past the file's size); ``puts``: the job's PUTs (a verification failure restarts from 0
-    through a fresh request cycle, hence 3).
+    with the same URL: no extra PUT).
     """
 
     id: str
@@ -457,7 +457,6 @@ STORAGE_ONCE = [
         [{"fault": Fault.HTML, "content_type": "application/octet-stream", "nth": (1,)}],
         [200, 200],
         [None, None],
-        puts=3,
     ),
     Once("reset-before-headers", [{"fault": Fault.RESET, "nth": (1,)}], [0, 200], [None, None]),
     Once(
@@ -493,7 +492,6 @@ STORAGE_ONCE = [
         [{"fault": Fault.CONTENT_LENGTH_SHORT, "delta": 1000, "nth": (1,)}],
         [200, 200],
         [None, None],
-        puts=3,
     ),
     # No length at all and a clean early end: only the MD5 ETag/zip check can tell; restart.
     Once(
@@ -501,7 +499,6 @@ STORAGE_ONCE = [
         [{"fault": Fault.CHUNKED_SHORT, "after_bytes": 9000, "nth": (1,)}],
         [200, 200],
         [None, None],
-        puts=3,
     ),
     # Range ignored: the 200 restarts the .part from 0, never appended to it.
     Once(
@@ -534,7 +531,7 @@ STORAGE_ONCE = [
         [200, 206, 200],
         [None, "bytes=9000-", None],
     ),
-    Once("wrong-etag", [{"fault": Fault.WRONG_ETAG, "nth": (1,)}], [200, 200], [None, None], 3),
+    Once("wrong-etag", [{"fault": Fault.WRONG_ETAG, "nth": (1,)}], [200, 200], [None, None]),
     # A 206 whose Content-Length disagrees with its own Content-Range: restart from 0.
     Once(
         "range-length-disagrees",
@@ -544,13 +541,12 @@ STORAGE_ONCE = [
     ),
     # Every header true, one byte false: the MD5 over the whole file catches it, also when the
     # bad byte came in a resumed 206; the .part is discarded and fetched again from 0.
-    Once("flipped-byte", [{"fault": Fault.FLIPPED_BYTE, "nth": (1,)}], [200, 200], [None, None], 3),
+    Once("flipped-byte", [{"fault": Fault.FLIPPED_BYTE, "nth": (1,)}], [200, 200], [None, None]),
     Once(
         "flipped-byte-in-resume",
         [CUT, {"fault": Fault.FLIPPED_BYTE, "after_bytes": 10, "nth": (2,)}],
         [200, 206, 200],
         [None, "bytes=9000-", None],
-        puts=3,
     ),
     # No validator and no length: only the zip structure can tell a short body; restart.
     Once(
@@ -561,7 +557,6 @@ STORAGE_ONCE = [
         ],
         [200, 200],
         [None, None],
-        puts=3,
     ),
     # A strong ETag that is no MD5 (S3 multipart, SSE-KMS): resumes are fine, and a bad byte in
     # the resumed part is left to the zip CRC check (computed from the blocks kept while
@@ -577,7 +572,6 @@ STORAGE_ONCE = [
         [{"fault": Fault.OPAQUE_ETAG}, CUT, {"fault": Fault.FLIPPED_BYTE, "nth": (2,)}],
         [200, 206, 200],
         [None, "bytes=9000-", None],
-        puts=3,
     ),
     # No validator: bytes so far cannot be proven to belong to the next answer; restart from 0.
     Once(

@@ -69,7 +69,7 @@ async def test_rate_climbs_back_when_calm() -> None:
     limiter = RateLimiter(8.0, clock=clock)
     limiter.throttled(1.0)
     assert limiter.stats.rate == 4.0
-    clock.now += 2
+    clock.now += 1.5
     await limiter.acquire()
     assert limiter.stats.rate == 4.0  # not calm long enough yet
     for _ in range(200):
@@ -119,3 +119,37 @@ async def test_idle_bucket_restarts_the_schedule() -> None:
     await limiter.acquire()
     await limiter.acquire()
     assert clock.now - t1 == pytest.approx(0.1)
+
+
+async def test_climb_returns_fast_below_the_rate_that_drew_the_429_then_probes() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(20.0, clock=clock)
+    limiter.throttled(1.0)  # at 20/s: halved to 10, ceiling 20
+    clock.now += 3.0  # calm from 2 s on: 1 s of climbing, fast, capped at 90 % of the ceiling
+    await limiter.acquire()
+    assert limiter.stats.rate == pytest.approx(18.0)
+    limiter.throttled(1.0)  # the server's limit is below 18/s: halved to 9, ceiling 18
+    assert limiter.stats.rate == pytest.approx(9.0)
+    clock.now += 2.5
+    await limiter.acquire()
+    assert limiter.stats.rate == pytest.approx(9.0 + 0.5 * 18 * 0.5)
+    clock.now += 1.0
+    await limiter.acquire()
+    assert limiter.stats.rate == pytest.approx(0.9 * 18)
+    clock.now += 10.0  # probing: +1 % of the ceiling per second, up to the ceiling
+    await limiter.acquire()
+    assert limiter.stats.rate == pytest.approx(0.9 * 18 + 0.01 * 18 * 10)
+    clock.now += 1.0  # past the ceiling without a 429: +5 % of the target per second
+    await limiter.acquire()
+    assert limiter.stats.rate == pytest.approx(18.0 + 0.05 * 20)
+
+
+async def test_acquire_gives_up_when_the_turn_comes_after_the_deadline() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(10.0, clock=clock)
+    limiter.throttled(20.0)  # everyone paused for 20 s
+    t0 = clock.now
+    assert await limiter.acquire(deadline=t0 + 3.0) is False
+    assert clock.now == t0  # did not wait for a turn it could not use
+    assert await limiter.acquire(deadline=t0 + 30.0) is True
+    assert clock.now - t0 == pytest.approx(20.0)

@@ -86,16 +86,36 @@ class RateLimiter:
             granted=self._granted,
         )
 
-    async def acquire(self) -> None:
-        """Wait for this caller's turn to send one API request (FIFO)."""
+    async def acquire(self, *, deadline: float | None = None) -> bool:
+        """Wait for this caller's turn to send one API request (FIFO).
+
+        Args:
+            deadline: monotonic time (seconds) after which the caller no longer wants its turn
+                (its ``poll_timeout``); ``None``: wait as long as it takes.
+
+        Returns:
+            True when the caller may send now; False (no slot taken) when its turn would come
+            after ``deadline``, e.g. behind a long Retry-After pause.
+        """
         queued = self._lock.locked()
-        async with self._lock:
+        if deadline is None:
+            await self._lock.acquire()
+        else:
+            acquired = False
+            with anyio.move_on_after(max(0.0, deadline - self._clock.monotonic())):
+                await self._lock.acquire()
+                acquired = True
+            if not acquired:
+                return False
+        try:
             while True:
                 now = self._clock.monotonic()
                 self._climb(now)
                 ready_at = max(self._next_slot, self._paused_until)
                 if ready_at <= now:
                     break
+                if deadline is not None and ready_at > deadline:
+                    return False
                 queued = True
                 await self._clock.sleep(ready_at - now)
             # A caller that waited for its slot is granted at the slot, not when it woke up: a
@@ -107,6 +127,9 @@ class RateLimiter:
             start = max(ready_at, now - interval * _CATCH_UP) if queued else now
             self._next_slot = start + interval
             self._granted += 1
+            return True
+        finally:
+            self._lock.release()
 
     def throttled(self, retry_after: float | None) -> None:
         """Record a 429: pause everyone for ``retry_after`` seconds (clamped) and slow down.

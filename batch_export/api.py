@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from batch_export.clock import Clock
 from batch_export.errors import ApiError, JobError, PollTimeout, RetriesExhausted
@@ -63,6 +64,13 @@ class RequestStats:
         self.by_status[status] = self.by_status.get(status, 0) + 1
         if status == 429:
             self.throttled += 1
+
+
+def _segment(value: str) -> str:
+    """Percent-encode an id as one path segment; "." and ".." too, so no client folds them away."""
+    if value.strip(".") == "":
+        return "%2E" * len(value)
+    return quote(value, safe="")
 
 
 def parse_retry_after(headers: Any, *, now: float) -> float | None:
@@ -158,7 +166,7 @@ class PixxelClient:
 
     def url_for(self, spec: ExportSpec) -> str:
         """Return the download PUT URL for ``spec`` (ids percent-encoded as path segments)."""
-        aoi, insight = quote(spec.aoi_id, safe=""), quote(spec.insight_id, safe="")
+        aoi, insight = _segment(spec.aoi_id), _segment(spec.insight_id)
         return f"{self._base}/v0/aoi/{aoi}/insights/{insight}/download"
 
     @staticmethod
@@ -230,7 +238,11 @@ class PixxelClient:
     ) -> PackageStatus:
         try:
             async with self._session.put(
-                url, data=payload, headers=headers, timeout=self._timeout, allow_redirects=False
+                URL(url, encoded=True),  # already encoded: "." and ".." ids must not be folded
+                data=payload,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as resp:
                 body = await _read_capped(resp)
                 status, resp_headers = resp.status, resp.headers

@@ -24,7 +24,7 @@ from batch_export.logs import configure_logging
 from batch_export.manifest import ExportSpec, Manifest
 from batch_export.metrics import write_metrics
 from batch_export.progress import FanOut, LogObserver, ProgressDisplay
-from batch_export.redact import Redactor
+from batch_export.redact import Redactor, escape_controls
 from batch_export.report import build_report, new_run_id, write_report
 from batch_export.runner import Outcome, Runner, RunObserver, RunResult, Settings
 from batch_export.signals import SIGNAL_NAMES, Interrupted, install_handlers
@@ -280,8 +280,10 @@ def plan_lines(
     for spec in specs:
         dest = settings.out_dir / spec.relpath if settings else Path(spec.relpath)
         lines.append(
-            f"{job_key(spec)[:12]}  PUT /v0/aoi/{spec.aoi_id}/insights/{spec.insight_id}/download"
-            f"  inputs={list(spec.inputs)} outputs={list(spec.outputs)}  -> {dest}"
+            escape_controls(
+                f"{job_key(spec)[:12]}  PUT /v0/aoi/{spec.aoi_id}/insights/{spec.insight_id}/download"
+                f"  inputs={list(spec.inputs)} outputs={list(spec.outputs)}  -> {dest}"
+            )
         )
     jobs = len(specs)
     rate = settings.rate if settings else manifest.limits.rate or 2.0

@@ -69,8 +69,6 @@ __all__ = [
     "sanitize_path_value",
 ]
 
-#: C0/C1 control characters: never valid in ids (they would reach URLs, logs and terminals).
-_ID_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DEFAULT_PATH_TEMPLATE = "{aoi_id}/{insight_id}/{name}.zip"
 
 #: Name of the state dir inside the output dir; no output path may enter it.
@@ -349,7 +347,7 @@ def parse_manifest(text: str, *, path: Path) -> Manifest:
 def sanitize_path_value(value: str) -> str:
     """Return ``value`` made safe as (part of) one file name component.
 
-    ``/`` and ``\\`` become ``_``; control characters (U+0000–U+001F, U+007F) are removed; ``.`` and
+    ``/`` and ``\\`` become ``_``; control characters (U+0000–U+001F, U+007F–U+009F) are removed; ``.`` and
     ``..`` become ``_``; trailing dots and spaces are stripped; an empty result becomes ``_``; Windows
     reserved device names (``CON``, ``PRN``, ``AUX``, ``NUL``, ``COM1``–``COM9``, ``LPT1``–``LPT9``, any
     case, also with an extension) get a ``_`` prefix. The result is never empty, never ``.``/``..``
@@ -920,7 +918,7 @@ def _is_literal_key(name: str, known: Mapping[str, _Field]) -> bool:
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,62}(?<!\.)")
 _VALUE_TRANSLATION: Final = {
     **{c: None for c in range(0x20)},
-    0x7F: None,
+    **{c: None for c in range(0x7F, 0xA0)},  # DEL and the C1 controls
     ord("/"): "_",
     ord("\\"): "_",
 }
@@ -929,7 +927,7 @@ _RESERVED: Final = frozenset(
     | {f"COM{i}" for i in range(1, 10)}
     | {f"LPT{i}" for i in range(1, 10)}
 )
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _RESERVED_STARTS: Final = frozenset(name[:3] for name in _RESERVED)
 
 _TemplatePart = tuple[str, int]  # literal text, then index into (aoi_id, insight_id, name) or -1
@@ -1247,12 +1245,7 @@ class _Validator:
         """Convert ``node`` as ``spec.kind`` says; None (reported) when it is not valid."""
         kind = spec.kind
         if kind is _Kind.ID:
-            if (
-                type(node) is _Scalar
-                and node.tag == _T_STR
-                and node.value.strip(".")
-                and not _ID_CONTROL.search(node.value)
-            ):
+            if type(node) is _Scalar and node.tag == _T_STR and node.value:
                 return node.value
             return self.identifier(node, path)
         if kind is _Kind.ASSETS:
@@ -1341,19 +1334,12 @@ class _Validator:
     def identifier(self, node: _Node, path: str) -> str | None:
         """Return a non-empty string (an id, a name)."""
         text = self.string(node, path)
-        name = path.rsplit(".", 1)[-1]
         if text == "":
+            name = path.rsplit(".", 1)[-1]
             self.report.error(node.line, node.col, path, f"{name} must not be empty")
             return None
-        if text is not None and text.strip(".") == "":
-            # "." and ".." would be folded out of the request URL's path by any HTTP client.
-            self.report.error(node.line, node.col, path, f"{name} must not be only dots")
-            return None
-        if text is not None and _ID_CONTROL.search(text):
-            self.report.error(
-                node.line, node.col, path, f"{name} must not contain control characters"
-            )
-            return None
+        # Dots and control characters are fine in an id: the URL percent-encodes them, the path
+        # template sanitises them, and log lines escape them (SPEC §3).
         return text
 
     def string_list(self, node: _Node, path: str) -> list[_Scalar] | None:
@@ -1386,8 +1372,7 @@ class _Validator:
                     break
                 values.append(item.value)
             else:
-                if not _ID_CONTROL.search("".join(values)):
-                    return tuple(dict.fromkeys(values))
+                return tuple(dict.fromkeys(values))
         items = self.string_list(node, path)
         if items is None:
             return None
@@ -1396,15 +1381,7 @@ class _Validator:
             self.report.error(
                 items[i].line, items[i].col, f"{path}[{i}]", "an asset id must not be empty"
             )
-        control = [i for i, item in enumerate(items) if _ID_CONTROL.search(item.value)]
-        for i in control:
-            self.report.error(
-                items[i].line,
-                items[i].col,
-                f"{path}[{i}]",
-                "an asset id must not contain control characters",
-            )
-        if empty or control:
+        if empty:
             return None
         return tuple(dict.fromkeys(item.value for item in items))
 

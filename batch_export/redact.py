@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Iterable
 
-__all__ = ["REDACTED", "RedactingFilter", "Redactor", "redact_url"]
+__all__ = ["REDACTED", "RedactingFilter", "Redactor", "escape_controls", "redact_url"]
 
 REDACTED = "<redacted>"
 # A URL followed by a query string: keep scheme://host/path, drop the query (and fragment).
@@ -73,7 +73,7 @@ class Redactor:
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # all but tab: no forged lines
 
 
-def _escape_controls(text: str) -> str:
+def escape_controls(text: str) -> str:
     """Show control characters as ``\\xNN``: a server's text must not drive the terminal."""
     return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
@@ -87,7 +87,7 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Render the record's message once, redacted; format any traceback redacted too."""
-        record.msg = _escape_controls(self._redact(record.getMessage()))
+        record.msg = escape_controls(self._redact(record.getMessage()))
         record.args = None
         if record.exc_info:
             text = logging.Formatter().formatException(record.exc_info)

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from batch_export.errors import UsageError
 from batch_export.lifecycle import JobState
+from batch_export.redact import escape_controls
 from batch_export.report import utc_timestamp
 from batch_export.store import JobRecord, RunInfo, SqliteStore
 
@@ -80,7 +81,7 @@ def render_status(doc: dict[str, Any], *, as_json: bool) -> None:
             table.add_column(column, overflow="fold")
         for job in failed:
             status = job["error_http_status"]
-            table.add_row(
+            cells = (
                 job["aoi_id"],
                 job["insight_id"],
                 job["name"],
@@ -88,6 +89,7 @@ def render_status(doc: dict[str, Any], *, as_json: bool) -> None:
                 str(status) if status is not None else "",
                 job["error_message"] or "",
             )
+            table.add_row(*(escape_controls(cell) for cell in cells))
         console.print(table)
     if doc["runs"]:
         runs = Table(title="last runs", title_justify="left")

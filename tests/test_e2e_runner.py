@@ -385,3 +385,19 @@ async def test_symlink_in_output_dir_cannot_redirect_a_package(tmp_path: Path) -
         assert result.jobs[0].error_code == "path_escape"
         assert list(outside.iterdir()) == []
         assert result.jobs[1].outcome is Outcome.DOWNLOADED
+
+
+async def test_odd_ids_reach_the_api_as_one_encoded_segment_each(tmp_path: Path) -> None:
+    config = SandboxConfig(keys=(KEY,), asset_size=1000, rate=None)
+    async with Sandbox(config) as sandbox:
+        specs = [
+            ExportSpec("..", "ins/x", (), ("o",), "n1", "a/n1.zip"),
+            ExportSpec(".", "a b%c?d#e", (), ("o",), "n2", "a/n2.zip"),
+        ]
+        result = await run(sandbox, specs, tmp_path)
+        paths = [r.path for r in sandbox.requests_to("api", "PUT")]
+        assert paths == [
+            "/v0/aoi/%2E%2E/insights/ins%2Fx/download",
+            "/v0/aoi/%2E/insights/a%20b%25c%3Fd%23e/download",
+        ]
+        assert [j.error_http_status for j in result.jobs] == [403, 403]  # unknown to the sandbox

@@ -1443,7 +1443,7 @@ LINE_TEXT = st.text(
     st.characters(categories=("L", "M", "N", "P", "S", "Zs"), exclude_characters="\ufeff"),
     min_size=1,
     max_size=40,
-).filter(lambda s: s.strip(" ") == s and s.strip(".") != "")
+).filter(lambda s: s.strip(" ") == s)
 
 
 @settings(max_examples=200, deadline=None)
@@ -1526,31 +1526,15 @@ def test_render_relpath_rejects_the_state_dir_and_bad_templates() -> None:
 
 
 @pytest.mark.parametrize("value", [".", "..", "...", "a\\u001b[2J", "b\\u0000c", "x\\u009b"])
-@pytest.mark.parametrize("field", ["aoi_id", "insight_id", "name"])
-def test_ids_that_would_break_urls_or_terminals_are_rejected(
-    tmp_path: Path, field: str, value: str
-) -> None:
-    entry = {"aoi_id": '"a"', "insight_id": '"i"', "name": '"n"'}
-    entry[field] = f'"{value}"'
-    text = (
-        "version: 1\nexports:\n  - {"
-        + ", ".join(f"{k}: {v}" for k, v in entry.items())
-        + ', outputs: ["o"]}\n'
-    )
+def test_dots_and_control_characters_in_ids_are_sanitised_in_the_path(tmp_path: Path, value: str) -> None:
     path = tmp_path / "m.yaml"
-    path.write_text(text)
-    with pytest.raises(ManifestError) as info:
-        load_manifest(path)
-    assert len(info.value.problems) == 1
-    assert f"exports[0].{field}" in info.value.problems[0]
-    assert "\x1b" not in info.value.problems[0] and "\x00" not in info.value.problems[0]
-
-
-def test_asset_ids_with_control_characters_are_rejected(tmp_path: Path) -> None:
-    path = tmp_path / "m.yaml"
+    quoted = f'"{value}"'
     path.write_text(
-        'version: 1\nexports:\n  - {aoi_id: "a", insight_id: "i", outputs: ["ok", "b\\u001bc"]}\n'
+        f"version: 1\nexports:\n  - {{aoi_id: {quoted}, insight_id: {quoted}, name: {quoted}, outputs: [{quoted}]}}\n"
     )
-    with pytest.raises(ManifestError) as info:
-        load_manifest(path)
-    assert "exports[0].outputs[1]" in info.value.problems[0]
+    spec = load_manifest(path).exports[0]
+    decoded = json.loads(quoted)
+    assert (spec.aoi_id, spec.insight_id, spec.name, spec.outputs) == (decoded, decoded, decoded, (decoded,))
+    parts = PurePosixPath(spec.relpath).parts
+    assert ".." not in parts and "." not in parts
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in spec.relpath)

@@ -296,13 +296,13 @@ def load_manifest(path: Path) -> Manifest:
 
     Raises:
         ManifestError: with every problem as ``FILE:LINE:COL: PATH: message`` (an unreadable file is
-            the single line ``FILE: cannot read manifest: <reason>``).
+            the single line ``FILE:1:1: (document): cannot read manifest: <reason>``).
     """
     try:
         data = path.read_bytes()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise ManifestError([f"{path}: cannot read manifest: {reason}"]) from None
+        raise ManifestError([f"{path}:1:1: (document): cannot read manifest: {reason}"]) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -1332,13 +1332,13 @@ def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
-    assert info.value.problems == [f"{path}: cannot read manifest: No such file or directory"]
+    assert info.value.problems == [f"{path}:1:1: (document): cannot read manifest: No such file or directory"]
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         load_manifest(tmp_path)
-    assert info.value.problems == [f"{tmp_path}: cannot read manifest: Is a directory"]
+    assert info.value.problems == [f"{tmp_path}:1:1: (document): cannot read manifest: Is a directory"]
 
 
 def test_not_utf8(tmp_path: Path) -> None:

@@ -1332,13 +1332,17 @@ def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
-    assert info.value.problems == [f"{path}:1:1: (document): cannot read manifest: No such file or directory"]
+    assert info.value.problems == [
+        f"{path}:1:1: (document): cannot read manifest: No such file or directory"
+    ]
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         load_manifest(tmp_path)
-    assert info.value.problems == [f"{tmp_path}:1:1: (document): cannot read manifest: Is a directory"]
+    assert info.value.problems == [
+        f"{tmp_path}:1:1: (document): cannot read manifest: Is a directory"
+    ]
 
 
 def test_not_utf8(tmp_path: Path) -> None:
@@ -1526,7 +1530,9 @@ def test_render_relpath_rejects_the_state_dir_and_bad_templates() -> None:
 
 
 @pytest.mark.parametrize("value", [".", "..", "...", "a\\u001b[2J", "b\\u0000c", "x\\u009b"])
-def test_dots_and_control_characters_in_ids_are_sanitised_in_the_path(tmp_path: Path, value: str) -> None:
+def test_dots_and_control_characters_in_ids_are_sanitised_in_the_path(
+    tmp_path: Path, value: str
+) -> None:
     path = tmp_path / "m.yaml"
     quoted = f'"{value}"'
     path.write_text(
@@ -1534,7 +1540,12 @@ def test_dots_and_control_characters_in_ids_are_sanitised_in_the_path(tmp_path: 
     )
     spec = load_manifest(path).exports[0]
     decoded = json.loads(quoted)
-    assert (spec.aoi_id, spec.insight_id, spec.name, spec.outputs) == (decoded, decoded, decoded, (decoded,))
+    assert (spec.aoi_id, spec.insight_id, spec.name, spec.outputs) == (
+        decoded,
+        decoded,
+        decoded,
+        (decoded,),
+    )
     parts = PurePosixPath(spec.relpath).parts
     assert ".." not in parts and "." not in parts
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in spec.relpath)

@@ -81,11 +81,11 @@ def find_nginx() -> tuple[str | None, str]:
         return found, "present"
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return None, "nginx is missing and cannot be installed here (not root or no apt-get)"
-    log("transfer: nginx missing; apt-get install nginx-light")
+    log("transfer: nginx missing; apt-get install nginx")
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
     for argv in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "nginx-light"],
+        ["apt-get", "install", "-y", "-qq", "nginx"],
     ):
         done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -284,11 +284,11 @@ def run() -> list[Figure]:
     if binary is None:
         line = f"SKIPPED transfer/CPU/memory benchmarks: {how}"
         log(line)
-        return [Figure("transfer", "skipped: " + how, 0, "", "nginx needed", False, line)]
+        return [Figure("transfer", "SKIPPED (no nginx)", 0, "", "", None, line)]
     if not shutil.which("curl") or not shutil.which("unzip") or not shutil.which("sha256sum"):
         line = "SKIPPED transfer benchmarks: curl, unzip and sha256sum are needed"
         log(line)
-        return [Figure("transfer", "skipped: no curl/unzip", 0, "", "curl needed", False, line)]
+        return [Figure("transfer", "SKIPPED (no curl/unzip)", 0, "", "", None, line)]
     work = Path(tempfile.mkdtemp(prefix="batch-export-bench-"))
     try:
         served = work / "www"

@@ -1,0 +1,45 @@
+"""Every module declares its public names, and the pure core imports nothing that does I/O."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import batch_export
+
+MODULES = sorted(
+    name
+    for _, name, _ in pkgutil.walk_packages(batch_export.__path__, "batch_export.")
+    if not name.endswith("__main__")
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_declares_all_and_defines_it(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = getattr(module, "__all__", None)
+    assert exported is not None, f"{name} has no __all__"
+    assert sorted(set(exported)) == sorted(exported), f"{name}.__all__ has duplicates"
+    for public in exported:
+        assert hasattr(module, public), f"{name}.__all__ names {public!r}, which does not exist"
+
+
+IO_MODULES = {"aiohttp", "aiofiles", "aiosqlite", "sqlite3", "socket", "anyio", "subprocess"}
+
+
+@pytest.mark.parametrize(
+    "name", ["batch_export.lifecycle", "batch_export.manifest", "batch_export.units"]
+)
+def test_pure_core_imports_no_io(name: str) -> None:
+    source = Path(importlib.import_module(name).__file__ or "").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & IO_MODULES, f"{name} imports {imported & IO_MODULES}"

@@ -619,15 +619,21 @@ class Runner:
     async def _fail(self, job: Job, exc: JobError) -> None:
         job.outcome = Outcome.FAILED
         message = self._redact(exc.message)
-        if job.record.state in (JobState.QUEUED, JobState.READY):
-            await self._set(job, JobState.REQUESTING)
-        await self._set(
-            job,
-            JobState.FAILED,
-            error_code=exc.code,
-            error_message=message,
-            error_http_status=exc.http_status,
-        )
+        try:
+            if job.record.state in (JobState.QUEUED, JobState.READY):
+                await self._set(job, JobState.REQUESTING)
+            await self._set(
+                job,
+                JobState.FAILED,
+                error_code=exc.code,
+                error_message=message,
+                error_http_status=exc.http_status,
+            )
+        except JobError as store_error:  # the state store itself failed: report, don't crash
+            log.error("job %s: cannot record its failure: %s", job.key[:12], store_error.message)
+            job.record = job.record.evolve(
+                error_code=exc.code, error_message=message, error_http_status=exc.http_status
+            )
 
     def _result(self, job: Job) -> JobResult:
         record = job.record

@@ -114,3 +114,14 @@ def test_systemd_units_name_only_existing_options() -> None:
     assert sub is not None
     sub.make_context("run", args[1:])
     assert "SuccessExitStatus=3 75" in block
+
+
+def test_every_error_code_the_client_writes_is_documented() -> None:
+    import re as _re
+
+    root = Path(__file__).resolve().parent.parent / "batch_export"
+    codes = set()
+    for path in root.glob("*.py"):
+        codes |= set(_re.findall(r'code="([a-z_0-9]+)"', path.read_text()))
+    missing = sorted(code for code in codes if f"`{code}`" not in README)
+    assert missing == []

@@ -421,10 +421,14 @@ def _run_locked(
             with anyio.CancelScope(shield=True):
                 await store.close()
 
+    late: list[int] = []
     try:
         result = anyio.run(main)
     finally:
-        install_handlers()  # asyncio put the default handlers back
+        # asyncio put the default handlers back. While the report is written, a signal is only
+        # remembered (an impatient second Ctrl-C must not lose the report); then it counts.
+        for signum in SIGNAL_NAMES:
+            signal.signal(signum, lambda number, frame: late.append(number))
     exit_code = result.exit_code
     finished_at = time.time()
     report = build_report(
@@ -450,6 +454,9 @@ def _run_locked(
     except OSError as exc:  # checked up front; the disk can still fail at the end
         log.error("cannot write the report or metrics: %s", exc.strerror or type(exc).__name__)
     _log_summary(result, exit_code, report_path)
+    install_handlers()
+    if late and exit_code not in (130, 143):
+        return 128 + late[0]
     return exit_code
 
 

@@ -33,7 +33,9 @@ def main() -> None:
 
     \b
     Exit codes: 0 every job done; 1 some job failed (see the report); 2 usage or
-    manifest error, nothing requested; 75 another run holds the lock on the state dir.
+    manifest error, nothing requested; 3 stopped by --max-runtime with jobs left;
+    75 another run holds the lock on the state dir; 130/143 interrupted by SIGINT/SIGTERM
+    (work checkpointed, the next run resumes).
     """
 
 

@@ -919,6 +919,8 @@ _SAFE_VALUE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,62}(?<!\.)")
 _VALUE_TRANSLATION: Final = {
     **{c: None for c in range(0x20)},
     **{c: None for c in range(0x7F, 0xA0)},  # DEL and the C1 controls
+    # Bidirectional overrides and marks: they make "\u202egpj.exe" look like "exe.jpg".
+    **{c: None for c in (0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))},
     ord("/"): "_",
     ord("\\"): "_",
 }

@@ -49,8 +49,16 @@ def read_status(state_dir: Path, *, runs: int = 5) -> dict[str, Any]:
         "counts": {str(state): counts.get(str(state), 0) for state in JobState}
         | {"total": len(records)},
         "jobs": [_job(record) for record in records],
-        "runs": [dict(run) for run in last_runs],
+        "runs": [_run(run) for run in last_runs],
     }
+
+
+def _run(run: RunInfo) -> dict[str, Any]:
+    doc: dict[str, Any] = dict(run)
+    for field in ("started_at", "finished_at"):  # ISO 8601 UTC, as in the run reports
+        if doc.get(field) is not None:
+            doc[field] = utc_timestamp(doc[field])
+    return doc
 
 
 def _job(record: JobRecord) -> dict[str, Any]:
@@ -99,8 +107,8 @@ def render_status(doc: dict[str, Any], *, as_json: bool) -> None:
             finished = run.get("finished_at")
             runs.add_row(
                 run["run_id"],
-                utc_timestamp(run["started_at"]),
-                utc_timestamp(finished) if finished else "(running or killed)",
+                run["started_at"],
+                finished or "(running or killed)",
                 "" if run.get("exit_code") is None else str(run["exit_code"]),
                 ", ".join(f"{v} {k}" for k, v in (run.get("counts") or {}).items() if v),
             )

@@ -1549,3 +1549,8 @@ def test_dots_and_control_characters_in_ids_are_sanitised_in_the_path(
     parts = PurePosixPath(spec.relpath).parts
     assert ".." not in parts and "." not in parts
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in spec.relpath)
+
+
+def test_bidi_overrides_are_removed_from_paths() -> None:
+    assert sanitize_path_value("\u202egpj.exe") == "gpj.exe"
+    assert sanitize_path_value("a\u2066b\u200fc") == "abc"

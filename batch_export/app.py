@@ -324,18 +324,26 @@ def execute_run(manifest: Manifest, options: RunOptions) -> int:
             if path is not None:
                 _check_writable(option, path)
     except UsageError as exc:
-        print(f"batch-export: {redactor(exc.message)}", file=sys.stderr)
+        _say(options, f"batch-export: {redactor(exc.message)}")
         return 2
     redactor.add(api_key)
     try:
         with StateLock(settings.state_dir):
             return _run_locked(manifest, settings, options, api_key, redactor, run_id)
     except Interrupted as exc:  # outside the event loop's own watcher: nothing ran, or all saved
-        print(f"batch-export: interrupted by {exc}", file=sys.stderr)
+        _say(options, f"batch-export: interrupted by {exc}")
         return exc.exit_code
     except BatchExportError as exc:
-        print(f"batch-export: {redactor(exc.message)}", file=sys.stderr)
+        _say(options, f"batch-export: {redactor(exc.message)}")
         return 75 if exc.code == "locked" else 2
+
+
+def _say(options: RunOptions, message: str) -> None:
+    """An error before or around the run: a JSON line under --log-format json, else plain text."""
+    if options.log_format == "json":
+        log.error("%s", message, extra={"event": "run_error"})
+    else:
+        print(message, file=sys.stderr)
 
 
 def _run_locked(

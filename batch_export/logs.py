@@ -5,7 +5,7 @@ JSON lines (``--log-format json``) are one object per line with these stable fie
     ts          "2026-11-29T03:00:01.123Z" (UTC)
     level       "debug" | "info" | "warning" | "error"
     event       what happened: job_state, job_downloaded, job_skipped, job_failed, job_pending,
-                url_refresh, run_started, run_stopping, run_summary, manifest_warning, log
+                verify_retry, run_started, run_stopping, run_summary, run_error, manifest_warning, log
     message     the human-readable text (the same as the text format's)
     run_id      the run's id
     key, aoi_id, insight_id, job_name, state, attempt, bytes, path, error_code, http_status

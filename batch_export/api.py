@@ -19,10 +19,10 @@ import aiohttp
 from yarl import URL
 
 from batch_export.clock import Clock
-from batch_export.errors import ApiError, JobError, PollTimeout, RetriesExhausted
-from batch_export.lifecycle import backoff_delay
+from batch_export.errors import ApiError, JobError, PollTimeout
 from batch_export.manifest import ExportSpec
 from batch_export.ratelimit import MAX_RETRY_AFTER, RateLimiter
+from batch_export.retry import RetryPolicy, describe_network_error
 
 __all__ = ["PackageStatus", "PixxelClient", "parse_retry_after"]
 
@@ -155,13 +155,16 @@ class PixxelClient:
         self._key = api_key
         self._limiter = limiter
         self._clock = clock
-        self._retries = retries
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=read_timeout, sock_read=read_timeout
         )
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
-        self._rng = rng or random.Random()
+        self._retry = RetryPolicy(
+            clock=clock,
+            retries=retries,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            rng=rng or random.Random(),
+        )
         self.stats = RequestStats()
 
     def url_for(self, spec: ExportSpec) -> str:
@@ -196,7 +199,7 @@ class PixxelClient:
         url = self.url_for(spec)
         payload = json.dumps(self.body_for(spec), separators=(",", ":")).encode()
         headers = {"Authorization": self._key, "Content-Type": "application/json"}
-        failures = 0
+        budget = self._retry.budget(job_key)
         while True:
             if not await self._limiter.acquire(deadline=deadline):
                 raise PollTimeout(
@@ -207,20 +210,7 @@ class PixxelClient:
             try:
                 outcome = await self._send(url, payload, headers, job_key)
             except _Retryable as exc:
-                failures += 1
-                if failures > self._retries:
-                    raise RetriesExhausted(
-                        f"{exc.message} (after {failures} attempts)",
-                        code=exc.code,
-                        http_status=exc.http_status,
-                        job_key=job_key,
-                    ) from None
-                wait = exc.retry_after
-                if wait is None:
-                    wait = backoff_delay(
-                        failures - 1, base=self._backoff_base, cap=self._backoff_cap, rng=self._rng
-                    )
-                await self._clock.sleep(wait)
+                await budget.spend(exc, retry_after=exc.retry_after)
                 continue
             except _Throttled:
                 if self._clock.monotonic() > deadline:
@@ -250,14 +240,15 @@ class PixxelClient:
             # A certificate or TLS-protocol mismatch does not heal by retrying: fail at once.
             self.stats.count(0)
             raise ApiError(
-                f"TLS error talking to the API: {_describe(exc)} (check --api-url's scheme and host)",
+                f"TLS error talking to the API: {describe_network_error(exc, timeout='timed out')} (check --api-url's scheme and host)",
                 code="tls_error",
             ) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.stats.count(0)
             stalled = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
             raise _Retryable(
-                f"network error talking to the API: {_describe(exc)}",
+                f"network error talking to the API: "
+                f"{describe_network_error(exc, timeout='timed out waiting for data')}",
                 code="timeout" if stalled else "network_error",
             ) from None
         self.stats.count(status)
@@ -326,14 +317,6 @@ class _Retryable(JobError):
     ) -> None:
         super().__init__(message, code=code, http_status=http_status)
         self.retry_after = retry_after
-
-
-def _describe(exc: BaseException) -> str:
-    # Library messages may carry URLs; the type name and errno say enough and carry nothing.
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-        return "timed out waiting for data"
-    errno = getattr(exc, "errno", None)
-    return f"{type(exc).__name__}" + (f" (errno {errno})" if errno else "")
 
 
 def _error_envelope(body: bytes, status: int) -> tuple[str, str]:

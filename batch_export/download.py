@@ -36,12 +36,11 @@ from batch_export.clock import Clock
 from batch_export.errors import (
     JobError,
     LocalIOError,
-    RetriesExhausted,
     StorageError,
     UrlRejected,
     VerificationError,
 )
-from batch_export.lifecycle import backoff_delay
+from batch_export.retry import RetryPolicy, describe_network_error
 from batch_export.urls import url_refusal
 
 __all__ = [
@@ -281,14 +280,17 @@ class Downloader:
     ) -> None:
         self._session = session
         self._clock = clock
-        self._retries = retries
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=read_timeout, sock_read=read_timeout
         )
         self._allow_http = allow_http
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
-        self._rng = rng or random.Random()
+        self._retry = RetryPolicy(
+            clock=clock,
+            retries=retries,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            rng=rng or random.Random(),
+        )
         self.requests_sent = 0
 
     async def transfer(
@@ -325,7 +327,7 @@ class Downloader:
         """
         state = Transfer(etag=etag)
         holder = _SinkHolder()
-        failures = 0
+        budget = self._retry.budget(job_key)
         try:
             while True:
                 offset = await self._resume_offset(part, state, holder.sink)
@@ -338,27 +340,10 @@ class Downloader:
                     state.block_crcs = sink.block_crcs()
                     return state
                 except _Retry as exc:
-                    failures += 1
-                    if failures > self._retries:
-                        raise RetriesExhausted(
-                            f"{exc.message} (after {failures} attempts)",
-                            code=exc.code,
-                            http_status=exc.http_status,
-                            job_key=job_key,
-                        ) from None
                     if exc.restart:
                         state.etag = None
-                    if exc.retry_after is not None:  # the server's own wait, 0-900 s
-                        await self._clock.sleep(exc.retry_after)
-                    elif exc.delay:
-                        await self._clock.sleep(
-                            backoff_delay(
-                                failures - 1,
-                                base=self._backoff_base,
-                                cap=self._backoff_cap,
-                                rng=self._rng,
-                            )
-                        )
+                    # The server's own wait (0-900 s) wins over the backoff.
+                    await budget.spend(exc, retry_after=exc.retry_after, backoff=exc.delay)
                     if url_expired():
                         raise UrlRejected(
                             "signed URL expired before the download could resume",
@@ -446,7 +431,8 @@ class Downloader:
             raise _Retry("connection broke mid-body", code="truncated") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise _Retry(
-                f"network error talking to storage: {_describe(exc)}", code="network_error"
+                f"network error talking to storage: {describe_network_error(exc, timeout=_STALLED)}",
+                code="network_error",
             ) from None
 
     def _get(self, url: str, headers: dict[str, str]) -> Any:
@@ -707,11 +693,7 @@ async def _local(fn: Callable[..., Any], *args: Any) -> Any:
         raise _local_io_error(exc, "") from None
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-        return "no data for read_timeout (stalled)"
-    errno_ = getattr(exc, "errno", None)
-    return type(exc).__name__ + (f" (errno {errno_})" if errno_ else "")
+_STALLED = "no data for read_timeout (stalled)"
 
 
 def _local_io_error(exc: OSError, job_key: str) -> LocalIOError:

@@ -153,3 +153,24 @@ async def test_acquire_gives_up_when_the_turn_comes_after_the_deadline() -> None
     assert clock.now == t0  # did not wait for a turn it could not use
     assert await limiter.acquire(deadline=t0 + 30.0) is True
     assert clock.now - t0 == pytest.approx(20.0)
+
+
+async def test_retry_budget_backs_off_with_jitter_then_gives_up() -> None:
+    import random
+
+    from batch_export.errors import JobError, RetriesExhausted
+    from batch_export.retry import RetryPolicy
+
+    clock = FakeClock()
+    budget = RetryPolicy(
+        clock=clock, retries=2, backoff_base=1.0, backoff_cap=10.0, rng=random.Random(3)
+    ).budget("k")
+    error = JobError("API answered HTTP 503", code="http_503", http_status=503)
+    await budget.spend(error)
+    await budget.spend(error, retry_after=7.0)
+    assert 0.0 <= clock.sleeps[0] <= 1.0 and clock.sleeps[1] == 7.0
+    with pytest.raises(RetriesExhausted) as info:
+        await budget.spend(error)
+    assert (info.value.code, info.value.http_status, info.value.job_key) == ("http_503", 503, "k")
+    assert info.value.message == "API answered HTTP 503 (after 3 attempts)"
+    assert len(clock.sleeps) == 2

@@ -1,0 +1,83 @@
+"""The retry budget shared by the API client and the downloader: count, give up, back off.
+
+Backoff: exponential with full jitter, ``uniform(0, min(cap, base * 2**n))`` seconds
+(:func:`batch_export.lifecycle.backoff_delay`), unless the server named its own wait.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from batch_export.clock import Clock
+from batch_export.errors import JobError, RetriesExhausted
+from batch_export.lifecycle import backoff_delay
+
+__all__ = ["RetryBudget", "RetryPolicy", "describe_network_error"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how long to retry one request. Durations in seconds."""
+
+    clock: Clock
+    retries: int
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def budget(self, job_key: str) -> RetryBudget:
+        """Return a fresh budget for one request (or one transfer) of job ``job_key``."""
+        return RetryBudget(self, job_key)
+
+
+class RetryBudget:
+    """Counts the failures of one request; each :meth:`spend` waits or gives up."""
+
+    def __init__(self, policy: RetryPolicy, job_key: str) -> None:
+        self._policy = policy
+        self._job_key = job_key
+        self.failures = 0
+
+    async def spend(
+        self, exc: JobError, *, retry_after: float | None = None, backoff: bool = True
+    ) -> None:
+        """Record the failure ``exc``, then wait before the next try.
+
+        Waits ``retry_after`` seconds when the server named a wait, else the jittered backoff
+        (nothing when ``backoff`` is False).
+
+        Raises:
+            RetriesExhausted: more failures than ``retries`` (carries ``exc``'s code and status).
+        """
+        self.failures += 1
+        policy = self._policy
+        if self.failures > policy.retries:
+            raise RetriesExhausted(
+                f"{exc.message} (after {self.failures} attempts)",
+                code=exc.code,
+                http_status=exc.http_status,
+                job_key=self._job_key,
+            ) from None
+        if retry_after is not None:
+            await policy.clock.sleep(retry_after)
+        elif backoff:
+            await policy.clock.sleep(
+                backoff_delay(
+                    self.failures - 1,
+                    base=policy.backoff_base,
+                    cap=policy.backoff_cap,
+                    rng=policy.rng,
+                )
+            )
+
+
+def describe_network_error(exc: BaseException, *, timeout: str) -> str:
+    """Name a network error without its library message (which may carry a URL).
+
+    ``timeout`` is the text for a timeout (aiohttp's ServerTimeoutError is a TimeoutError).
+    """
+    if isinstance(exc, TimeoutError):
+        return timeout
+    errno = getattr(exc, "errno", None)
+    return type(exc).__name__ + (f" (errno {errno})" if errno else "")

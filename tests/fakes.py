@@ -1,8 +1,15 @@
-"""Test doubles: a fake clock whose sleeps advance virtual time instantly."""
+"""Test doubles and helpers: a fake clock, a sandbox in a thread, a clean environment."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import anyio
+from anyio.from_thread import start_blocking_portal
+
+from batch_export.sandbox import Sandbox, SandboxConfig
 
 
 class FakeClock:
@@ -23,3 +30,21 @@ class FakeClock:
         self.sleeps.append(seconds)
         self.now += max(0.0, seconds)
         await anyio.lowlevel.checkpoint()
+
+
+@contextmanager
+def sandbox_thread(config: SandboxConfig) -> Iterator[Sandbox]:
+    """A sandbox on its own event loop in a thread, for tests that run the CLI as a subprocess."""
+    with start_blocking_portal(backend="asyncio") as portal:
+        sandbox = Sandbox(config)
+        portal.call(sandbox.start)
+        try:
+            yield sandbox
+        finally:
+            portal.call(sandbox.close)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any PIXXEL_*/BATCH_EXPORT_* variable, plus ``extra``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIXXEL_", "BATCH_EXPORT_"))}
+    return base | extra

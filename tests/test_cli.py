@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
 import socket
 import subprocess
@@ -15,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from anyio.from_thread import start_blocking_portal
 
 from batch_export.sandbox import DEMO_KEY, Sandbox, SandboxConfig
+from tests.fakes import clean_env, sandbox_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "cli-test-key-9d8c7b6a"
@@ -26,10 +25,7 @@ KEY = "cli-test-key-9d8c7b6a"
 def cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PIXXEL_", "BATCH_EXPORT_"))
-    }
-    full_env.update(env or {})
+    full_env = clean_env(**(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "batch_export", *args],
         capture_output=True,
@@ -43,14 +39,8 @@ def cli(
 
 @pytest.fixture
 def sandbox() -> Iterator[Sandbox]:
-    config = SandboxConfig(keys=(KEY,), asset_size=4000, rate=None)
-    with start_blocking_portal(backend="asyncio") as portal:
-        sb = Sandbox(config)
-        portal.call(sb.start)
-        try:
-            yield sb
-        finally:
-            portal.call(sb.close)
+    with sandbox_thread(SandboxConfig(keys=(KEY,), asset_size=4000, rate=None)) as sb:
+        yield sb
 
 
 def write_manifest(tmp_path: Path, sandbox: Sandbox, body: str, name: str = "m.yaml") -> Path:

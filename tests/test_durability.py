@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -15,28 +14,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from anyio.from_thread import start_blocking_portal
 
 from batch_export.sandbox import Sandbox, SandboxConfig
+from tests.fakes import clean_env, sandbox_thread
 
 KEY = "durability-key-3e5f"
 
 
 @pytest.fixture
 def sandbox() -> Iterator[Sandbox]:
-    config = SandboxConfig(keys=(KEY,), asset_size=300_000, rate=None, ready_after_puts=3)
-    with start_blocking_portal(backend="asyncio") as portal:
-        sb = Sandbox(config)
-        portal.call(sb.start)
-        try:
-            yield sb
-        finally:
-            portal.call(sb.close)
+    with sandbox_thread(
+        SandboxConfig(keys=(KEY,), asset_size=300_000, rate=None, ready_after_puts=3)
+    ) as sb:
+        yield sb
 
 
 def env() -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIXXEL_", "BATCH_EXPORT_"))}
-    return base | {"PIXXEL_API_KEY": KEY}
+    return clean_env(PIXXEL_API_KEY=KEY)
 
 
 def command(manifest: Path, sandbox: Sandbox, *extra: str) -> list[str]:
@@ -176,55 +170,50 @@ def test_kill_9_at_random_moments_then_rerun(sandbox: Sandbox, tmp_path: Path) -
 
 def test_sigterm_mid_download_exits_143_and_resumes_with_range(tmp_path: Path) -> None:
     config = SandboxConfig(keys=(KEY,), asset_size=150_000_000, rate=None, ready_after_puts=1)
-    with start_blocking_portal(backend="asyncio") as portal:
-        sandbox = Sandbox(config)
-        portal.call(sandbox.start)
-        try:
-            aoi = sandbox.catalog.aois[0]
-            ins = aoi.insights[0]
-            manifest = tmp_path / "m.yaml"
-            manifest.write_text(
-                "version: 1\nlimits: {poll_interval: 0.05s}\nexports:\n"
-                f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", outputs: ["{ins.outputs[0]}", "{ins.outputs[1]}"]}}\n'
-            )
-            out = tmp_path / "exports"
-            proc = subprocess.Popen(
-                command(manifest, sandbox),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env(),
-            )
-            part = out / aoi.id / ins.id / f"{ins.id}.zip.part"
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if part.exists() and part.stat().st_size > 4 * 1024 * 1024:
-                    break
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGTERM)
-            _, stderr = proc.communicate(timeout=30)
-            assert proc.returncode == 143, stderr
-            kept = part.stat().st_size
-            assert kept > 0
-            assert not part.with_name(ins.id + ".zip").exists()
-            gets_before = len(sandbox.requests_to("storage", "GET"))
-            second = run(manifest, sandbox)
-            assert second.returncode == 0, second.stderr
-            resume = sandbox.requests_to("storage", "GET")[gets_before]
-            assert resume.header("Range") == f"bytes={kept}-"
-            assert resume.status == 206
-            final = part.with_name(ins.id + ".zip")
-            import hashlib
+    with sandbox_thread(config) as sandbox:
+        aoi = sandbox.catalog.aois[0]
+        ins = aoi.insights[0]
+        manifest = tmp_path / "m.yaml"
+        manifest.write_text(
+            "version: 1\nlimits: {poll_interval: 0.05s}\nexports:\n"
+            f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", outputs: ["{ins.outputs[0]}", "{ins.outputs[1]}"]}}\n'
+        )
+        out = tmp_path / "exports"
+        proc = subprocess.Popen(
+            command(manifest, sandbox),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
+        part = out / aoi.id / ins.id / f"{ins.id}.zip.part"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if part.exists() and part.stat().st_size > 4 * 1024 * 1024:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 143, stderr
+        kept = part.stat().st_size
+        assert kept > 0
+        assert not part.with_name(ins.id + ".zip").exists()
+        gets_before = len(sandbox.requests_to("storage", "GET"))
+        second = run(manifest, sandbox)
+        assert second.returncode == 0, second.stderr
+        resume = sandbox.requests_to("storage", "GET")[gets_before]
+        assert resume.header("Range") == f"bytes={kept}-"
+        assert resume.status == 206
+        final = part.with_name(ins.id + ".zip")
+        import hashlib
 
-            digest = hashlib.sha256()
-            with open(final, "rb") as handle:
-                while block := handle.read(1 << 20):
-                    digest.update(block)
-            assert digest.hexdigest() == sandbox.package_bytes_sha256(
-                aoi.id, ins.id, (), tuple(ins.outputs[:2])
-            )
-        finally:
-            portal.call(sandbox.close)
+        digest = hashlib.sha256()
+        with open(final, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        assert digest.hexdigest() == sandbox.package_bytes_sha256(
+            aoi.id, ins.id, (), tuple(ins.outputs[:2])
+        )
 
 
 def test_max_runtime_exits_3_then_next_run_finishes(sandbox: Sandbox, tmp_path: Path) -> None:

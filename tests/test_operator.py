@@ -13,28 +13,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from anyio.from_thread import start_blocking_portal
 from prometheus_client.parser import text_string_to_metric_families
 
 from batch_export.sandbox import Sandbox, SandboxConfig
+from tests.fakes import clean_env, sandbox_thread
 
 KEY = "operator-key-77aa"
 
 
 @pytest.fixture
 def sandbox() -> Iterator[Sandbox]:
-    with start_blocking_portal(backend="asyncio") as portal:
-        sb = Sandbox(SandboxConfig(keys=(KEY,), asset_size=3_000_000, rate=None))
-        portal.call(sb.start)
-        try:
-            yield sb
-        finally:
-            portal.call(sb.close)
+    with sandbox_thread(SandboxConfig(keys=(KEY,), asset_size=3_000_000, rate=None)) as sb:
+        yield sb
 
 
 def env() -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIXXEL_", "BATCH_EXPORT_"))}
-    return base | {"PIXXEL_API_KEY": KEY, "COLUMNS": "120", "TERM": "xterm-256color"}
+    return clean_env(PIXXEL_API_KEY=KEY, COLUMNS="120", TERM="xterm-256color")
 
 
 def manifest(tmp_path: Path, sandbox: Sandbox, *, failing: bool) -> Path:

@@ -3,7 +3,6 @@ command lines are accepted by the CLI."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -14,11 +13,11 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-from anyio.from_thread import start_blocking_portal
 from prometheus_client.parser import text_string_to_metric_families
 
 from batch_export.cli import main
 from batch_export.sandbox import Sandbox, SandboxConfig
+from tests.fakes import clean_env, sandbox_thread
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 KEY = "recipe-key-5c1e"
@@ -26,13 +25,8 @@ KEY = "recipe-key-5c1e"
 
 @pytest.fixture
 def sandbox() -> Iterator[Sandbox]:
-    with start_blocking_portal(backend="asyncio") as portal:
-        sb = Sandbox(SandboxConfig(keys=(KEY,), asset_size=2000, rate=None))
-        portal.call(sb.start)
-        try:
-            yield sb
-        finally:
-            portal.call(sb.close)
+    with sandbox_thread(SandboxConfig(keys=(KEY,), asset_size=2000, rate=None)) as sb:
+        yield sb
 
 
 def code_blocks(language: str) -> list[str]:
@@ -57,7 +51,7 @@ def test_the_cron_line_runs_silently_and_writes_metrics(sandbox: Sandbox, tmp_pa
         .replace("/srv/exports/nightly.yaml", str(manifest))
         .replace("/var/lib/node_exporter/textfile/batch_export.prom", str(metrics))
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXXEL_", "BATCH_EXPORT_"))}
+    env = clean_env()
     proc = subprocess.run(
         ["sh", "-c", command],
         capture_output=True,

@@ -115,7 +115,7 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
         force=options.force,
     )
     if settings.poll_max_interval < settings.poll_interval:
-        settings = _replace_max_interval(settings)
+        settings = replace(settings, poll_max_interval=settings.poll_interval)
     if settings.in_flight < 1 or settings.downloads < 1 or settings.rate <= 0:
         raise UsageError("--in-flight and --downloads must be >= 1 and --rate > 0")
     clash = state_dir_clash(
@@ -166,10 +166,6 @@ def state_dir_clash(specs: tuple[ExportSpec, ...], *, out_dir: Path, state_dir: 
                     f"{spec.insight_id} ({spec.name}); choose another --state-dir"
                 )
     return None
-
-
-def _replace_max_interval(settings: Settings) -> Settings:
-    return replace(settings, poll_max_interval=settings.poll_interval)
 
 
 def resolve_api_key(manifest: Manifest, environ: dict[str, str] | None = None) -> str:

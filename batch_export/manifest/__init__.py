@@ -1,0 +1,49 @@
+"""Manifest: YAML text -> validated, frozen :class:`Manifest` of :class:`ExportSpec` (SPEC §3).
+
+Pure: reads the manifest file and nothing else; requests nothing. One module per concern:
+
+| module | concern |
+|---|---|
+| ``_model`` | the value types (:class:`Manifest`, :class:`ExportSpec`, the settings) and shared constants |
+| ``_yaml`` | YAML text -> compact node tree (tags, styles, positions), YAML-bomb guard, the problem report |
+| ``_keys`` | the key/type table and the JSON Schema generated from it |
+| ``_nodes`` | checks of single nodes: keys against the table, values by kind, the literal-key guard |
+| ``_paths`` | output path templates, sanitising of field values, collisions of output paths |
+| ``_validate`` | the whole manifest: sections, exports, defaults; :func:`load_manifest`, :func:`parse_manifest` |
+
+Every problem is one line ``FILE:LINE:COL: PATH: message`` and all of them are reported at once, in
+position order. The one key/type table drives both the validator and :func:`manifest_json_schema`, the JSON
+Schema shipped as ``batch_export/manifest.schema.json``.
+"""
+
+from __future__ import annotations
+
+from batch_export.manifest._keys import manifest_json_schema
+from batch_export.manifest._model import (
+    DEFAULT_PATH_TEMPLATE,
+    MAX_ALIAS_EXPANSION,
+    STATE_DIR_NAME,
+    ApiSettings,
+    ExportSpec,
+    LimitSettings,
+    Manifest,
+    OutputSettings,
+)
+from batch_export.manifest._paths import render_relpath, sanitize_path_value
+from batch_export.manifest._validate import load_manifest, parse_manifest
+
+__all__ = [
+    "DEFAULT_PATH_TEMPLATE",
+    "MAX_ALIAS_EXPANSION",
+    "STATE_DIR_NAME",
+    "ApiSettings",
+    "ExportSpec",
+    "LimitSettings",
+    "Manifest",
+    "OutputSettings",
+    "load_manifest",
+    "manifest_json_schema",
+    "parse_manifest",
+    "render_relpath",
+    "sanitize_path_value",
+]

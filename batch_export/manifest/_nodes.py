@@ -1,0 +1,530 @@
+"""Checks of single nodes: keys of a mapping against the key table, and values by kind (SPEC §3).
+
+Every problem goes to the :class:`._yaml._Report` as ``FILE:LINE:COL: PATH: message``. No message echoes
+a value from the ``api`` section, and a key that looks like a literal API key is refused without echo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from batch_export.manifest._keys import _ENV_NAME, _Field, _Kind
+from batch_export.manifest._paths import _CONTROL, _compile_template, _quote
+from batch_export.manifest._yaml import (
+    _T_BOOL,
+    _T_FLOAT,
+    _T_INT,
+    _T_MERGE,
+    _T_NULL,
+    _T_SEQ,
+    _T_STR,
+    _T_TIMESTAMP,
+    _kind_name,
+    _Map,
+    _Node,
+    _reading,
+    _reading_kind,
+    _Report,
+    _Scalar,
+    _Seq,
+    _short_tag,
+)
+from batch_export.units import parse_duration
+
+__all__: list[str] = []
+
+_YAML11_TAGS: Final = frozenset({_T_INT, _T_FLOAT, _T_BOOL, _T_NULL, _T_TIMESTAMP, _T_STR})
+_MERGE_KEY_MESSAGE: Final = (
+    "YAML merge keys (<<) are not supported; use defaults: for shared inputs/outputs, or an alias "
+    "(*name) for a whole value"
+)
+
+
+# Keys: echo rules and the literal-key guard.
+
+_SECRET_NAMES: Final = frozenset(
+    {
+        "key",
+        "apikey",
+        "token",
+        "apitoken",
+        "secret",
+        "password",
+        "passwd",
+        "authorization",
+        "auth",
+        "accesstoken",
+        "authtoken",
+        "bearer",
+        "bearertoken",
+        "credentials",
+        "credential",
+        "secretkey",
+        "privatekey",
+        "clientsecret",
+        "pixxelapikey",
+    }
+)
+_SECRET_PARTS: Final = ("key", "token", "secret", "passw", "auth", "credential", "bearer")
+_LITERAL_KEY_MESSAGE: Final = (
+    "the API key must not be written in the manifest; name an environment variable in "
+    "api.key_env or a file in api.key_file"
+)
+_STRICT_ECHO = re.compile(r"[A-Za-z][A-Za-z_\-]{0,23}")
+_LOOSE_ECHO = re.compile(r"[^\x00-\x1f\x7f]{1,60}")
+
+
+def _normalised(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _is_literal_key(name: str, known: Mapping[str, _Field]) -> bool:
+    norm = _normalised(name)
+    if norm in _SECRET_NAMES:
+        return True
+    if any(_normalised(k) == norm for k in known) or difflib.get_close_matches(name, known, 1, 0.8):
+        return False  # a typo of a known key such as key_env: "unknown key", with a hint
+    return any(part in norm for part in _SECRET_PARTS)
+
+
+_DEC_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_DEC_NUMBER = re.compile(r"[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_NUMBER_TAGS: Final = frozenset({_T_INT, _T_FLOAT})
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Checks:
+    """Checks keys and values of single nodes along the key table, reporting every problem."""
+
+    def __init__(self, report: _Report, path: Path) -> None:
+        self.report = report
+        self.manifest_path = path
+        self.base = path.parent.absolute()
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def keys(
+        self, node: _Map, path: str, table: Mapping[str, _Field], *, guard: bool = False
+    ) -> dict[str, _Node]:
+        """Check a mapping's keys against ``table``; return the known keys' value nodes.
+
+        ``guard`` (top level and ``api``): refuse literal API keys, echo only plain key names.
+        """
+        found: dict[str, _Node] = {}
+        seen: dict[str, _Scalar] = {}
+        items = node.items
+        for i in range(0, len(items), 2):
+            key = items[i]
+            if type(key) is not _Scalar or key.tag != _T_STR:
+                self.bad_key(key, path, table)
+                continue
+            name = key.value
+            first = seen.get(name)
+            if first is not None:
+                self.duplicate_key(key, first, path, guard=guard)
+                continue
+            seen[name] = key
+            if name in table:
+                found[name] = items[i + 1]
+            else:
+                self.unknown_key(key, path, table, guard=guard)
+        if len(found) < len(table):
+            for name, spec in table.items():
+                if spec.required and name not in found:
+                    self.report.error(node.line, node.col, path, f"missing required key {name}")
+        return found
+
+    def duplicate_key(self, key: _Scalar, first: _Scalar, path: str, *, guard: bool) -> None:
+        where = f"(first at line {first.line}, column {first.col})"
+        if (_STRICT_ECHO if guard else _LOOSE_ECHO).fullmatch(key.value):
+            message = f"duplicate key {key.value} {where}"
+            self.report.error(key.line, key.col, _join(path, key.value), message)
+        else:
+            self.report.error(key.line, key.col, path, f"duplicate key {where}")
+
+    def unknown_key(
+        self, key: _Scalar, path: str, table: Mapping[str, _Field], *, guard: bool
+    ) -> None:
+        name = key.value
+        if guard and _is_literal_key(name, table):
+            where = _join(path, name) if _STRICT_ECHO.fullmatch(name) else path
+            self.report.error(key.line, key.col, where, _LITERAL_KEY_MESSAGE)
+            return
+        if name == "<<":
+            self.report.error(key.line, key.col, path, _MERGE_KEY_MESSAGE)
+            return
+        hint = difflib.get_close_matches(name, table, 1, 0.6)
+        message = "unknown key {}" + (f"; did you mean {hint[0]}?" if hint else "")
+        message += f" (known keys here: {', '.join(table)})"
+        if (_STRICT_ECHO if guard else _LOOSE_ECHO).fullmatch(name):
+            self.report.error(key.line, key.col, _join(path, name), message.format(name))
+        else:
+            self.report.error(key.line, key.col, path, message.format("(name not shown)"))
+
+    def bad_key(self, key: _Node, path: str, table: Mapping[str, _Field]) -> None:
+        """Report a key that is not a string: a collection, or a plain scalar YAML retyped."""
+        report = self.report
+        known = f"known keys here: {', '.join(table)}"
+        if type(key) is not _Scalar:
+            report.error(
+                key.line, key.col, path, f"expected a key name, got {_kind_name(key)} as a key"
+            )
+        elif key.tag == _T_MERGE:
+            report.error(key.line, key.col, path, _MERGE_KEY_MESSAGE)
+        elif path == "api" or key.style is not None or not _LOOSE_ECHO.fullmatch(key.value):
+            report.error(
+                key.line,
+                key.col,
+                path,
+                f"key names are strings; YAML reads this unquoted key as {_reading_kind(key)}, "
+                f"and it is not a known key ({known})",
+            )
+        else:
+            report.error(
+                key.line,
+                key.col,
+                path,
+                f"unquoted key {key.value} is read by YAML as {_reading(key)} — quote it: "
+                f"{_quote(key.value)}; it is not a known key either ({known})",
+            )
+
+    # -- values by kind ---------------------------------------------------------------------------
+
+    def value(self, spec: _Field, node: _Node, path: str) -> Any:
+        """Convert ``node`` as ``spec.kind`` says; None (reported) when it is not valid."""
+        kind = spec.kind
+        if kind is _Kind.ID:
+            if type(node) is _Scalar and node.tag == _T_STR and node.value:
+                return node.value
+            return self.identifier(node, path)
+        if kind is _Kind.ASSETS:
+            return self.assets(node, path)
+        if kind is _Kind.STATUSES:
+            return self.statuses(node, path)
+        if kind is _Kind.URL:
+            return self.url(node, path)
+        if kind is _Kind.ENV_NAME:
+            return self.env_name(node, path)
+        if kind is _Kind.PATH:
+            return self.path(node, path)
+        if kind is _Kind.TEMPLATE:
+            return self.template(node, path)
+        if kind is _Kind.INT:
+            assert spec.minimum is not None and spec.maximum is not None
+            return self.integer(node, path, spec.minimum, spec.maximum)
+        if kind is _Kind.RATE:
+            return self.rate(node, path)
+        if kind is _Kind.DURATION:
+            return self.duration(node, path)
+        if kind is _Kind.VERSION:
+            return self.version(node, path)
+        raise AssertionError(f"{kind} is walked by its owner")  # SECTION, EXPORTS
+
+    def values(
+        self, nodes: dict[str, _Node], table: Mapping[str, _Field], path: str
+    ) -> dict[str, Any]:
+        """Convert every value in ``nodes``; those that are not valid are left out."""
+        out = {}
+        for name, node in nodes.items():
+            value = self.value(table[name], node, _join(path, name))
+            if value is not None:
+                out[name] = value
+        return out
+
+    def hidden(self, path: str) -> bool:
+        """Whether values at ``path`` must never be echoed (the ``api`` section)."""
+        return path == "api" or path.startswith("api.")
+
+    def version(self, node: _Node, path: str) -> int | None:
+        if type(node) is _Scalar and node.style is None and node.tag == _T_INT:
+            if node.value == "1":
+                return 1
+            if _DEC_INT.fullmatch(node.value):
+                self.report.error(
+                    node.line,
+                    node.col,
+                    path,
+                    f"unsupported manifest version {node.value}; this batch-export reads version 1",
+                )
+                return None
+        self.report.error(node.line, node.col, path, "expected the integer 1 (version: 1)")
+        return None
+
+    def string(self, node: _Node, path: str) -> str | None:
+        """Return a string node's value, or report what YAML made of it and return None."""
+        if type(node) is _Scalar and node.tag == _T_STR:
+            return node.value
+        report = self.report
+        if type(node) is not _Scalar:
+            report.error(node.line, node.col, path, f"expected a string, got {_kind_name(node)}")
+        elif node.style is None and node.value == "":
+            report.error(node.line, node.col, path, "expected a string, got nothing (empty value)")
+        elif node.style is not None or node.tag not in _YAML11_TAGS:
+            tag = "(not shown)" if self.hidden(path) else _short_tag(node.tag)
+            report.error(node.line, node.col, path, f"expected a string, got a value tagged {tag}")
+        elif self.hidden(path):
+            report.error(
+                node.line,
+                node.col,
+                path,
+                f"expected a string; YAML reads this unquoted value as {_reading_kind(node)} — "
+                "quote it (value not shown)",
+            )
+        else:
+            report.error(
+                node.line,
+                node.col,
+                path,
+                f"expected a string; unquoted {node.value} is read by YAML as {_reading(node)} — "
+                f"quote it: {_quote(node.value)}",
+            )
+        return None
+
+    def identifier(self, node: _Node, path: str) -> str | None:
+        """Return a non-empty string (an id, a name)."""
+        text = self.string(node, path)
+        if text == "":
+            name = path.rsplit(".", 1)[-1]
+            self.report.error(node.line, node.col, path, f"{name} must not be empty")
+            return None
+        # Dots and control characters are fine in an id: the URL percent-encodes them, the path
+        # template sanitises them, and log lines escape them (SPEC §3).
+        return text
+
+    def string_list(self, node: _Node, path: str) -> list[_Scalar] | None:
+        """Return the items of a list of strings, or report why it is not one."""
+        if type(node) is not _Seq:
+            if type(node) is _Scalar and node.style is None and node.tag == _T_NULL:
+                message = "expected a list, got nothing (write [] for an empty list)"
+            elif type(node) is _Scalar and node.tag == _T_STR and not self.hidden(path):
+                message = f"expected a list, got a string (write [{_quote(node.value)}])"
+            else:
+                message = f"expected a list, got {_kind_name(node)}"
+            self.report.error(node.line, node.col, path, message)
+            return None
+        if node.tag != _T_SEQ:
+            self.bad_tag(node, path)
+        items: list[_Scalar] = []
+        for i, item in enumerate(node.items):
+            if type(item) is _Scalar and item.tag == _T_STR:
+                items.append(item)
+            else:
+                self.string(item, f"{path}[{i}]")
+        return items if len(items) == len(node.items) else None
+
+    def assets(self, node: _Node, path: str) -> tuple[str, ...] | None:
+        """Return asset ids, deduplicated in first-occurrence order (the order sent to the API)."""
+        if type(node) is _Seq and node.tag == _T_SEQ:  # fast path: a list of non-empty strings
+            values = []
+            for item in node.items:
+                if type(item) is not _Scalar or item.tag != _T_STR or not item.value:
+                    break
+                values.append(item.value)
+            else:
+                return tuple(dict.fromkeys(values))
+        items = self.string_list(node, path)
+        if items is None:
+            return None
+        empty = [i for i, item in enumerate(items) if not item.value]
+        for i in empty:
+            self.report.error(
+                items[i].line, items[i].col, f"{path}[{i}]", "an asset id must not be empty"
+            )
+        if empty:
+            return None
+        return tuple(dict.fromkeys(item.value for item in items))
+
+    def statuses(self, node: _Node, path: str) -> tuple[str, ...] | None:
+        """Return a non-empty list of status names, lower-cased and deduplicated."""
+        items = self.string_list(node, path)
+        if items is None:
+            return None
+        if not items:
+            self.report.error(node.line, node.col, path, "expected at least one status")
+            return None
+        blank = [item for item in items if not item.value.strip()]
+        for item in blank:
+            self.report.error(item.line, item.col, path, "a status must not be empty")
+        return None if blank else tuple(dict.fromkeys(item.value.lower() for item in items))
+
+    def url(self, node: _Node, path: str) -> str | None:
+        """Return an http(s) base URL without a trailing ``/``; the value is never echoed."""
+        text = self.string(node, path)
+        if text is None:
+            return None
+        problem = None
+        try:
+            parts = urllib.parse.urlsplit(text)
+            _ = parts.port  # raises ValueError on a bad port
+        except ValueError:
+            problem = "is not a valid URL"
+        else:
+            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+                problem = (
+                    "must be an http:// or https:// URL with a host, such as "
+                    "https://api.pixxel.space"
+                )
+            elif "@" in parts.netloc:
+                problem = (
+                    "must not hold user:password@; the key goes in an environment variable "
+                    "(api.key_env) or a file (api.key_file)"
+                )
+            elif parts.query or parts.fragment or text.endswith(("?", "#")):
+                problem = "must not have a query (?...) or fragment (#...)"
+            elif re.search(r"\s", text) or _CONTROL.search(text):
+                problem = "must not contain white space or control characters"
+        if problem is not None:
+            self.report.error(node.line, node.col, path, f"the API URL {problem} (value not shown)")
+            return None
+        return text.rstrip("/")
+
+    def env_name(self, node: _Node, path: str) -> str | None:
+        """Return the name of an environment variable; the value is never echoed."""
+        text = self.string(node, path)
+        if text is not None and not _ENV_NAME.fullmatch(text):
+            self.report.error(
+                node.line,
+                node.col,
+                path,
+                "expected the NAME of an environment variable (letters, digits and _, not "
+                "starting with a digit), such as PIXXEL_API_KEY; the value is not shown in "
+                "case it is the key itself",
+            )
+            return None
+        return text
+
+    def path(self, node: _Node, path: str) -> Path | None:
+        """Return a path; a relative one is anchored at the manifest's folder."""
+        text = self.string(node, path)
+        problem = None
+        if text is None:
+            return None
+        if not text:
+            problem = "expected a path, got an empty string"
+        elif text.startswith("~"):
+            problem = "~ is not expanded here; write the full path"
+        elif "\x00" in text:
+            problem = "a path must not contain NUL"
+        if problem is not None:
+            self.report.error(node.line, node.col, path, problem)
+            return None
+        given = Path(text)
+        return given if given.is_absolute() else self.base / given
+
+    def template(self, node: _Node, path: str) -> str | None:
+        """Return a valid output path template."""
+        text = self.string(node, path)
+        if text is None:
+            return None
+        try:
+            _compile_template(text)
+        except ValueError as exc:
+            self.report.error(node.line, node.col, path, str(exc))
+            return None
+        return text
+
+    def number(self, node: _Node, path: str, what: str) -> int | float | None:
+        """Return a plain decimal number (an int when written without ``.`` or ``e``)."""
+        report = self.report
+        if type(node) is not _Scalar:
+            report.error(node.line, node.col, path, f"expected {what}, got {_kind_name(node)}")
+            return None
+        value, plain = node.value, node.style is None
+        if (plain and node.tag in _NUMBER_TAGS) or node.tag == _T_STR:
+            if plain and _DEC_INT.fullmatch(value):
+                return int(value)
+            if plain and _DEC_NUMBER.fullmatch(value):
+                return float(value)  # also 1e3, which YAML 1.1 reads as a string
+            if plain and node.tag in _NUMBER_TAGS:
+                message = f"write a plain decimal number: YAML 1.1 reads unquoted {value} as "
+                message += _reading(node)
+            elif not plain:
+                message = (
+                    f"expected {what}, got the quoted string {_quote(value)} (remove the quotes)"
+                )
+            else:
+                message = f"expected {what}, got the string {value}"
+        elif plain and node.tag == _T_NULL:
+            message = f"expected {what}, got nothing"
+        elif plain and node.tag in _YAML11_TAGS:
+            message = f"expected {what}; unquoted {value} is read by YAML as {_reading(node)}"
+        else:
+            message = f"expected {what}, got a value tagged {_short_tag(node.tag)}"
+        report.error(node.line, node.col, path, message)
+        return None
+
+    def integer(self, node: _Node, path: str, low: int, high: int) -> int | None:
+        """Return a decimal integer in ``[low, high]``."""
+        number = self.number(node, path, "an integer")
+        if number is None:
+            return None
+        if not isinstance(number, int):
+            assert type(node) is _Scalar
+            message = f"expected a whole number, got {node.value}"
+        elif not low <= number <= high:
+            message = f"must be between {low} and {high}, got {number}"
+        else:
+            return number
+        self.report.error(node.line, node.col, path, message)
+        return None
+
+    def rate(self, node: _Node, path: str) -> float | None:
+        """Return a rate in requests/s, above 0 and finite."""
+        number = self.number(node, path, "a number")
+        if number is None:
+            return None
+        if not number > 0 or not math.isfinite(number):
+            message = f"must be a number of requests/s above 0, got {number:g}"
+            self.report.error(node.line, node.col, path, message)
+            return None
+        return float(number)
+
+    def duration(self, node: _Node, path: str) -> float | None:
+        """Return a duration in seconds (> 0) from a number or a string such as ``1h30m``."""
+        report = self.report
+        seconds: float
+        if type(node) is _Scalar and node.tag == _T_STR:
+            try:
+                seconds = parse_duration(node.value)
+            except ValueError as exc:
+                report.error(node.line, node.col, path, str(exc))
+                return None
+        elif type(node) is _Scalar and node.style is None and node.tag in _NUMBER_TAGS:
+            if not _DEC_NUMBER.fullmatch(node.value):
+                report.error(
+                    node.line,
+                    node.col,
+                    path,
+                    "write a plain decimal number of seconds or a duration such as 90s, 15m or "
+                    f"1h30m: YAML 1.1 reads unquoted {node.value} as {_reading(node)}",
+                )
+                return None
+            seconds = float(node.value)
+        else:
+            got = _reading(node) if type(node) is _Scalar else _kind_name(node)
+            report.error(
+                node.line,
+                node.col,
+                path,
+                f"expected a duration such as 90s, 15m, 1h30m, 500ms or a number of seconds, got "
+                f"{got}",
+            )
+            return None
+        if not seconds > 0 or not math.isfinite(seconds):
+            report.error(node.line, node.col, path, "a duration here must be more than 0 seconds")
+            return None
+        return seconds
+
+    def bad_tag(self, node: _Node, path: str) -> None:
+        tag = "(not shown)" if self.hidden(path) else _short_tag(node.tag)
+        message = f"unexpected explicit tag {tag}; remove it"
+        self.report.error(node.line, node.col, path, message)

@@ -20,10 +20,13 @@ from batch_export.sandbox.faults import (
     Ending,
     FaultHook,
     Faults,
+    ListingContext,
+    ListingPlan,
     ScriptedResponse,
     StorageContext,
     StoragePlan,
 )
+from batch_export.sandbox.listing import ListingRoutes
 from batch_export.sandbox.packages import Selection
 from batch_export.sandbox.script import Fault, FaultScript, Firing, Rule
 from batch_export.sandbox.server import Sandbox
@@ -42,6 +45,9 @@ __all__ = [
     "Faults",
     "Firing",
     "Insight",
+    "ListingContext",
+    "ListingPlan",
+    "ListingRoutes",
     "RecordedRequest",
     "Rule",
     "Sandbox",

@@ -139,6 +139,22 @@ async def _serve(
     help="Signed URL lifetime in seconds (X-Amz-Expires).",
 )
 @click.option(
+    "--aois",
+    "aoi_count",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Catalog size: at least this many AOIs (listed by GET /v0/aois, 100 per page).  "
+    "[default: the seeded 3 to 5]",
+)
+@click.option(
+    "--new-insight-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds between new completed insights appearing in the listing (on the AOIs in "
+    "turn), to rehearse nightly discover runs; also POST /_sandbox/insights adds one and "
+    'PATCH /_sandbox/insights/ID {"status": "completed"} finishes one.  [default: never]',
+)
+@click.option(
     "--faults",
     "faults_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -179,6 +195,8 @@ def sandbox_command(
     ready_after_puts: int,
     asset_size: int,
     url_lifetime: float,
+    aoi_count: int | None,
+    new_insight_every: float | None,
     faults_file: Path | None,
     show_catalog: bool,
     access_log: bool,
@@ -186,7 +204,8 @@ def sandbox_command(
     """Serve the simulated Pixxel insights API on loopback until Ctrl-C.
 
     Two origins, as in production: the API (PUT
-    /v0/aoi/{aoi_id}/insights/{insight_id}/download, raw key in Authorization) and a storage host
+    /v0/aoi/{aoi_id}/insights/{insight_id}/download, raw key in Authorization; GET /v0/aois and
+    GET /v0/aoi/{aoi_id}/insights list what the key can see) and a storage host
     serving the packages at S3-style presigned URLs on another port. Point a manifest's api.url at
     the printed API URL and export PIXXEL_API_KEY with the printed key.
     """
@@ -209,6 +228,8 @@ def sandbox_command(
             burst=burst,
             asset_size=asset_size,
             url_lifetime=url_lifetime,
+            aoi_count=aoi_count,
+            new_insight_every=new_insight_every,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

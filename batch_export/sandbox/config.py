@@ -38,7 +38,11 @@ class SandboxConfig:
             ``Content-Length`` and the MD5 ``ETag`` describe the corrupted bytes, so only the zip
             CRC check catches it.
         fail_insights: Insight ids whose packages end in ``failed``/``FAILED`` instead of ready.
-        denied_aois: AOI ids every key gets 403 (permission) for.
+        denied_aois: AOI ids every key gets 403 (permission) for; the AOI listing leaves them out.
+        aoi_count: Catalog size: at least this many AOIs (the seeded 3 to 5 first, then more
+            with 1 to 3 insights each); ``None``: the seeded ones only. Read once, at start.
+        new_insight_every: Listing: a new completed insight appears every this many seconds
+            (sandbox clock, from the start) on the visible AOIs in turn; ``None``: never.
         clock: Wall clock (seconds since the epoch) for ``Date`` headers, ``X-Amz-Date``, URL
             expiry, preparation time and the token bucket; inject one so tests never sleep.
     """
@@ -57,6 +61,8 @@ class SandboxConfig:
     corrupt_insights: frozenset[str] = frozenset()
     fail_insights: frozenset[str] = frozenset()
     denied_aois: frozenset[str] = frozenset()
+    aoi_count: int | None = None
+    new_insight_every: float | None = None
     clock: Callable[[], float] = field(default=time.time)
 
     def __post_init__(self) -> None:
@@ -66,6 +72,10 @@ class SandboxConfig:
             raise ValueError("asset_size must be >= 0 bytes")
         if self.burst < 1:
             raise ValueError("burst must be >= 1 request")
+        if self.aoi_count is not None and self.aoi_count < 0:
+            raise ValueError("aoi_count must be >= 0 AOIs")
+        if self.new_insight_every is not None and self.new_insight_every <= 0:
+            raise ValueError("new_insight_every must be > 0 seconds, or None for never")
         if self.rate is not None and self.rate <= 0:
             raise ValueError("rate must be > 0 requests/s, or None for unlimited")
 

@@ -9,6 +9,10 @@ Hook points:
 
 * API, after the key and the rate limit passed: :meth:`FaultHook.api_response` may answer instead
   (5xx, 429, HTML page …), also with a :class:`ScriptedResponse` that breaks the connection.
+* Listing (``GET /v0/aois``, ``GET /v0/aoi/{id}/insights``), after the key and the rate limit
+  passed: :meth:`FaultHook.listing_plan` may change the page served (:class:`ListingPlan`: a
+  repeated page, a changed ``total``); then :meth:`FaultHook.listing_response` may answer instead
+  of the document, like ``api_response``.
 * API, permission: :meth:`FaultHook.denies`; package outcome: :meth:`FaultHook.fails`; signed URL
   lifetime: :meth:`FaultHook.url_lifetime` (``config.url_lifetime`` is the starting value); a ready
   answer without its URL: :meth:`FaultHook.withholds_url`.
@@ -43,6 +47,8 @@ __all__ = [
     "Ending",
     "FaultHook",
     "Faults",
+    "ListingContext",
+    "ListingPlan",
     "ScriptedResponse",
     "StorageContext",
     "StoragePlan",
@@ -132,6 +138,43 @@ class ApiContext:
 
 
 @dataclass(frozen=True, slots=True)
+class ListingContext:
+    """A listing GET that passed the key check and the rate limit.
+
+    Attributes:
+        request: The request.
+        key: The API key it carried.
+        route: ``"aois"`` (``GET /v0/aois``) or ``"insights"`` (``GET /v0/aoi/{id}/insights``).
+        aoi_id: The AOI whose insights are listed; ``""`` for an AOI page.
+        offset: The page's ``offset`` as asked (AOI pages; 0 for insights).
+        limit: The page size in force (AOI pages; 0 for insights).
+        number: 1-based count of listing requests that reached this hook point.
+    """
+
+    request: web.Request
+    key: str
+    route: str
+    aoi_id: str
+    offset: int
+    limit: int
+    number: int
+
+
+@dataclass(slots=True)
+class ListingPlan:
+    """How one AOI page departs from the truth; hooks adjust it in place.
+
+    Attributes:
+        offset_shift: Serve the page that starts this many AOIs earlier than asked (a page that
+            repeats AOIs already sent), never before offset 0.
+        total_delta: Add this to ``pagination.total`` (a total that changes between pages).
+    """
+
+    offset_shift: int = 0
+    total_delta: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class StorageContext:
     """A storage GET whose signature was accepted.
 
@@ -195,8 +238,18 @@ class FaultHook:
         """Return a response to send instead of handling the PUT, or ``None``."""
         return None
 
+    def listing_plan(self, ctx: ListingContext, plan: ListingPlan) -> None:
+        """Adjust ``plan`` for this AOI page (called for insight listings too; ignore those)."""
+
+    def listing_response(self, ctx: ListingContext, document: bytes) -> Answer | None:
+        """Return a response to send instead of the listing ``document`` (JSON bytes), or ``None``."""
+        return None
+
     def denies(self, key: str, aoi_id: str, insight_id: str) -> bool:
-        """Return ``True`` to answer 403 (permission) for this AOI/insight."""
+        """Return ``True`` to answer 403 (permission) for this AOI/insight.
+
+        For an insight listing ``insight_id`` is ``""``.
+        """
         return False
 
     def fails(self, selection: Selection) -> bool:
@@ -274,6 +327,21 @@ class Faults:
         """First non-``None`` answer of the hooks."""
         for hook in self.hooks:
             response = hook.api_response(ctx)
+            if response is not None:
+                return response
+        return None
+
+    def listing_plan(self, ctx: ListingContext) -> ListingPlan:
+        """The plan for this listing GET after every hook adjusted it."""
+        plan = ListingPlan()
+        for hook in self.hooks:
+            hook.listing_plan(ctx, plan)
+        return plan
+
+    def listing_response(self, ctx: ListingContext, document: bytes) -> Answer | None:
+        """First non-``None`` answer of the hooks."""
+        for hook in self.hooks:
+            response = hook.listing_response(ctx, document)
             if response is not None:
                 return response
         return None

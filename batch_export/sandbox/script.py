@@ -2,7 +2,8 @@
 
 A :class:`FaultScript` is a :class:`~batch_export.sandbox.faults.FaultHook` holding a list of
 :class:`Rule`. A rule selects requests of one ``origin`` (``api``: the download PUT, ``storage``: the
-package GET), optionally of one AOI and/or insight, then picks among them by count (the ``nth``
+package GET, ``listing``: the listing GETs, narrowed by ``route: aois|insights``), optionally of one
+AOI and/or insight (an insight listing matches ``aoi_id``; an AOI page matches no ``aoi_id``), then picks among them by count (the ``nth``
 matching requests, ``every`` k-th), by chance (``probability``, decided from the script's ``seed``)
 or all of them, at most ``times`` times; each pick injects the rule's one fault. Every rule counts
 every request it matches, whatever other rules do. When several rules pick one request, the faults
@@ -19,21 +20,24 @@ injected. File form (YAML; JSON is the same shape)::
 
 Faults (and the origins where each may be used)::
 
-    http_error            api, storage   status 500/502/503/504 (``status``), body or ``empty_body``
-    throttle              api, storage   429 + Retry-After: ``retry_after`` s, ``retry_after_form``
+    http_error            all            status 500/502/503/504 (``status``), body or ``empty_body``
+    throttle              all            429 + Retry-After: ``retry_after`` s, ``retry_after_form``
                                          seconds | date | garbage | none
-    html                  api, storage   200 HTML page (``content_type``, default text/html)
-    invalid_json          api            200 with a body that is not JSON
-    truncated_json        api            200, the status document cut in half (length matches)
-    reset                 api, storage   TCP RST before any header
-    reset_mid_body        api, storage   headers, ``after_bytes`` of the body, then TCP RST
-    short_body            api, storage   full Content-Length, ``after_bytes``, then a clean close
-    stall                 api, storage   headers, ``after_bytes``, silence for ``stall_seconds``
-    stall_headers         api, storage   no answer at all for ``stall_seconds``, then a close
-    content_length_long   api, storage   Content-Length says ``delta`` bytes more than the body
-    content_length_short  api, storage   Content-Length says ``delta`` bytes fewer (and only those
+    html                  all            200 HTML page (``content_type``, default text/html)
+    invalid_json          api, listing   200 with a body that is not JSON
+    truncated_json        api, listing   200, the document cut in half (length matches)
+    reset                 all            TCP RST before any header
+    reset_mid_body        all            headers, ``after_bytes`` of the body, then TCP RST
+    short_body            all            full Content-Length, ``after_bytes``, then a clean close
+    stall                 all            headers, ``after_bytes``, silence for ``stall_seconds``
+    stall_headers         all            no answer at all for ``stall_seconds``, then a close
+    content_length_long   all            Content-Length says ``delta`` bytes more than the body
+    content_length_short  all            Content-Length says ``delta`` bytes fewer (and only those
                                          are sent)
-    chunked_short         api, storage   chunked coding, body ends cleanly after ``after_bytes``
+    chunked_short         all            chunked coding, body ends cleanly after ``after_bytes``
+    repeat_page           listing        an AOI page that serves the page before it (AOIs already
+                                         sent; the first page repeats itself)
+    total_change          listing        an AOI page whose ``pagination.total`` is ``delta`` more
     ignore_range          storage        200 with the whole body to a Range request
     range_wrong_start     storage        206 from byte 0 whatever was asked (also without Range)
     range_wrong_total     storage        206 whose Content-Range total is ``delta`` too big
@@ -72,6 +76,8 @@ from batch_export.sandbox.faults import (
     ApiContext,
     Ending,
     FaultHook,
+    ListingContext,
+    ListingPlan,
     ScriptedResponse,
     StorageContext,
     StoragePlan,
@@ -109,12 +115,16 @@ class Fault(enum.StrEnum):
     FAILED = "failed"
     URL_LIFETIME = "url_lifetime"
     EMPTY_URL = "empty_url"
+    REPEAT_PAGE = "repeat_page"
+    TOTAL_CHANGE = "total_change"
 
 
 _F = Fault
-_BOTH = frozenset({"api", "storage"})
-_API = frozenset({"api"})
+_BOTH = frozenset({"api", "storage", "listing"})
+_API = frozenset({"api", "listing"})
 _STORAGE = frozenset({"storage"})
+_LISTING = frozenset({"listing"})
+_PUT = frozenset({"api"})
 #: Where each fault may be used.
 ORIGINS: Mapping[Fault, frozenset[str]] = {
     _F.HTTP_ERROR: _BOTH,
@@ -138,10 +148,13 @@ ORIGINS: Mapping[Fault, frozenset[str]] = {
     _F.NO_ETAG: _STORAGE,
     _F.OPAQUE_ETAG: _STORAGE,
     _F.CONTENT_DISPOSITION: _STORAGE,
-    _F.FAILED: _API,
-    _F.URL_LIFETIME: _API,
-    _F.EMPTY_URL: _API,
+    _F.FAILED: _PUT,
+    _F.URL_LIFETIME: _PUT,
+    _F.EMPTY_URL: _PUT,
+    _F.REPEAT_PAGE: _LISTING,
+    _F.TOTAL_CHANGE: _LISTING,
 }
+_ROUTES = ("aois", "insights")
 _RANGE_ONLY = frozenset({_F.IGNORE_RANGE, _F.RANGE_WRONG_TOTAL})
 _PLAN_FAULTS = frozenset(
     {
@@ -170,6 +183,9 @@ _PICKED = web.RequestKey("sandbox_script_pick", object)
 _PACKAGE_LEVEL = frozenset({_F.FAILED, _F.URL_LIFETIME, _F.EMPTY_URL})
 _STORAGE_FAULTS = frozenset(f for f, origins in ORIGINS.items() if "storage" in origins)
 _API_ANSWERS = frozenset(f for f, origins in ORIGINS.items() if "api" in origins) - _PACKAGE_LEVEL
+_PAGE_FAULTS = frozenset({_F.REPEAT_PAGE, _F.TOTAL_CHANGE})
+_LISTING_FAULTS = frozenset(f for f, origins in ORIGINS.items() if "listing" in origins)
+_LISTING_PICKED = web.RequestKey("sandbox_listing_pick", object)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +194,10 @@ class Rule:
 
     Attributes:
         fault: What to inject (:class:`Fault`).
-        origin: ``"api"`` (download PUT) or ``"storage"`` (package GET). (Not ``on``: YAML 1.1
-            reads an unquoted ``on:`` key as ``true``.)
+        origin: ``"api"`` (download PUT), ``"storage"`` (package GET) or ``"listing"`` (the
+            listing GETs). (Not ``on``: YAML 1.1 reads an unquoted ``on:`` key as ``true``.)
+        route: For ``listing``: only ``"aois"`` pages or only ``"insights"`` listings
+            (``None``: both).
         aoi_id: Only requests for this AOI (``None``: any).
         insight_id: Only requests for this insight (``None``: any).
         nth: Pick the n-th matching requests (1-based); empty: no condition.
@@ -195,7 +213,8 @@ class Rule:
         after_bytes: Body bytes sent before a cut, reset, stall or short chunked end, or the index
             of a ``flipped_byte``; ``None``: half of what the answer sends.
         stall_seconds: Silence of a ``stall`` before the server closes (seconds; bounded).
-        delta: Bytes by which a ``content_length_*`` or ``range_wrong_total`` lies.
+        delta: Bytes by which a ``content_length_*`` or ``range_wrong_total`` lies; AOIs that a
+            ``total_change`` adds to ``pagination.total``.
         lifetime: Signed URL lifetime for ``url_lifetime`` (seconds).
         content_type: ``Content-Type`` of an ``html`` page.
         filename: File name offered by ``content_disposition``.
@@ -203,6 +222,7 @@ class Rule:
 
     fault: Fault
     origin: str
+    route: str | None = None
     aoi_id: str | None = None
     insight_id: str | None = None
     nth: tuple[int, ...] = ()
@@ -233,6 +253,10 @@ class Rule:
         if self.origin not in ORIGINS[self.fault]:
             allowed = " or ".join(sorted(ORIGINS[self.fault]))
             raise ValueError(f"fault {self.fault} is for {allowed} requests, not {self.origin!r}")
+        if self.route is not None and (self.origin != "listing" or self.route not in _ROUTES):
+            raise ValueError("route is for listing rules: aois or insights")
+        if self.fault in _PAGE_FAULTS and self.route == "insights":
+            raise ValueError(f"fault {self.fault} is for AOI pages (route aois)")
         if any(n < 1 for n in self.nth):
             raise ValueError("nth counts from 1")
         if self.every is not None and self.every < 1:
@@ -273,8 +297,26 @@ class Rule:
 
 _INTS = {"every", "times", "status", "after_bytes", "delta"}
 _FLOATS = {"probability", "retry_after", "stall_seconds", "lifetime"}
-_STRS = {"fault", "origin", "aoi_id", "insight_id", "retry_after_form", "content_type", "filename"}
-_OPTIONAL = {"aoi_id", "insight_id", "every", "probability", "times", "retry_after", "after_bytes"}
+_STRS = {
+    "fault",
+    "origin",
+    "route",
+    "aoi_id",
+    "insight_id",
+    "retry_after_form",
+    "content_type",
+    "filename",
+}
+_OPTIONAL = {
+    "route",
+    "aoi_id",
+    "insight_id",
+    "every",
+    "probability",
+    "times",
+    "retry_after",
+    "after_bytes",
+}
 
 
 def _checked(name: str, value: Any) -> Any:
@@ -453,11 +495,16 @@ class FaultScript(FaultHook):
         key: str,
         *,
         ranged: bool = False,
+        route: str | None = None,
     ) -> list[int]:
         """Indexes of the rules for ``faults`` that pick this request (each counts it)."""
         picked = []
         for index, rule in enumerate(self.rules):
             if rule.origin != origin or rule.fault not in faults:
+                continue
+            if rule.route is not None and rule.route != route:
+                continue
+            if rule.fault in _PAGE_FAULTS and route != "aois":
                 continue
             if rule.aoi_id is not None and rule.aoi_id != aoi_id:
                 continue
@@ -482,6 +529,36 @@ class FaultScript(FaultHook):
         document = json.dumps(
             {"id": ctx.insight_id, "status": "pending", "signed_url": ""}
         ).encode()
+        return _answer(rule, document, "application/json", api=True)
+
+    # -- listing hook points ---------------------------------------------------------------------
+
+    def listing_plan(self, ctx: ListingContext, plan: ListingPlan) -> None:
+        """Pick this listing GET's rules; apply the page faults, keep the answers for later."""
+        key = f"{ctx.route}/{ctx.aoi_id}/{ctx.offset}"
+        picked = self._picking("listing", _LISTING_FAULTS, ctx.aoi_id, "", key, route=ctx.route)
+        answers = [i for i in picked if self.rules[i].fault not in _PAGE_FAULTS]
+        if answers:
+            ctx.request[_LISTING_PICKED] = answers[0]
+            return  # the answer replaces the whole page: the page faults do not count
+        names = []
+        for index in picked:
+            rule = self._fire(index, "listing", ctx.aoi_id, "")
+            names.append(rule.fault)
+            if rule.fault is _F.REPEAT_PAGE:
+                plan.offset_shift = max(plan.offset_shift, ctx.limit)
+            else:
+                plan.total_delta += max(1, rule.delta)
+        if names:
+            note_fault(ctx.request, "+".join(names))
+
+    def listing_response(self, ctx: ListingContext, document: bytes) -> Answer | None:
+        """Answer a listing GET picked by a rule that replaces the answer."""
+        index = ctx.request.get(_LISTING_PICKED)
+        if not isinstance(index, int):
+            return None
+        rule = self._fire(index, "listing", ctx.aoi_id, "")
+        note_fault(ctx.request, rule.fault)
         return _answer(rule, document, "application/json", api=True)
 
     def fails(self, selection: Selection) -> bool:

@@ -15,6 +15,9 @@ AOI holds. Storage origin::
     | 403 XML AccessDenied "Request has expired" | 200/206/416 zip bytes
     HEAD -> 403 (a presigned GET URL is not valid for HEAD)
 
+Listing (``GET /v0/aois``, ``GET /v0/aoi/{aoi_id}/insights``) and admin routes that change the
+catalog while it runs: see :mod:`batch_export.sandbox.listing`.
+
 Every request to either origin, rejected ones included, is appended to :attr:`Sandbox.requests`.
 Access logs never contain query strings.
 """
@@ -49,6 +52,7 @@ from batch_export.sandbox.faults import (
     StorageContext,
     StoragePlan,
 )
+from batch_export.sandbox.listing import ListingRoutes
 from batch_export.sandbox.packages import (
     CHUNK_SIZE,
     BuiltPackage,
@@ -190,7 +194,10 @@ class Sandbox:
 
     Attributes:
         config: The configuration in force.
-        catalog: AOIs, insights and asset ids, generated from ``config.seed``.
+        catalog: AOIs, insights and asset ids, generated from ``config.seed``; replaced by a
+            changed copy when :attr:`listing` adds or changes an insight.
+        listing: The listing routes; ``sandbox.listing.add_insight(...)`` and
+            ``update_insight(...)`` change the catalog while it runs.
         faults: Fault hooks in force (:class:`~batch_export.sandbox.faults.Faults`).
         requests: Every request received by either origin, in order of arrival; an entry has
             status 0 until its answer is sent. Tests may clear it between phases.
@@ -202,8 +209,9 @@ class Sandbox:
         self, config: SandboxConfig | None = None, *, cache_dir: Path | None = None
     ) -> None:
         self.config = config if config is not None else SandboxConfig()
-        self.catalog = Catalog.generate(self.config.seed)
+        self.catalog = Catalog.generate(self.config.seed, self.config.aoi_count)
         self.faults = Faults([ConfigFaults(lambda: self.config)])
+        self.listing = ListingRoutes(self, self._admit)
         self.requests: list[RecordedRequest] = []
         self.api_url = ""
         self.storage_url = ""
@@ -243,6 +251,7 @@ class Sandbox:
         if self._runners:
             raise RuntimeError("sandbox already started")
         self._directory()
+        self.listing.start()
         try:
             self.api_url = await self._serve(self._api_app(), "api", host, api_port)
             self.storage_url = await self._serve(self._storage_app(), "storage", host, storage_port)
@@ -475,6 +484,7 @@ class Sandbox:
     def _api_app(self) -> web.Application:
         app = web.Application(middlewares=[self._recorder("api")])
         app.router.add_put(API_PATH, self._put)
+        self.listing.add_routes(app)
         app.on_response_prepare.append(self._on_prepare)
         return app
 
@@ -495,7 +505,8 @@ class Sandbox:
             return None
         return max(1, math.ceil((1.0 - bucket.tokens) / config.rate - _EPSILON))
 
-    async def _put(self, request: web.Request) -> web.StreamResponse:
+    async def _admit(self, request: web.Request) -> str | web.Response:
+        """Check the key (403) and take a token from its bucket (429): the key, or the answer."""
         config = self.config
         key = request.headers.get("Authorization")
         if key is None or key not in config.keys:
@@ -515,6 +526,12 @@ class Sandbox:
             )
             response.headers["Retry-After"] = str(wait)
             return response
+        return key
+
+    async def _put(self, request: web.Request) -> web.StreamResponse:
+        key = await self._admit(request)
+        if not isinstance(key, str):
+            return key
         aoi_id = request.match_info["aoi_id"]
         insight_id = request.match_info["insight_id"]
         self._api_requests += 1

@@ -40,7 +40,8 @@ from batch_export.errors import (
     UrlRejected,
     VerificationError,
 )
-from batch_export.retry import RetryPolicy, describe_network_error
+from batch_export.http import HttpSession, describe_failure
+from batch_export.retry import RetryPolicy
 from batch_export.urls import url_refusal
 
 __all__ = [
@@ -256,7 +257,7 @@ class Downloader:
     """Streams signed URLs into ``.part`` files, with retries and Range resume.
 
     Args:
-        session: an ``aiohttp.ClientSession`` dedicated to storage: no default headers, created with
+        session: the run's storage :class:`~batch_export.http.HttpSession`: no default headers,
             ``auto_decompress=False`` so the bytes on disk are the bytes served.
         clock: time source.
         retries: retry budget for one URL (5xx, network errors, truncation, stalls, HTML pages).
@@ -268,7 +269,7 @@ class Downloader:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        session: HttpSession,
         *,
         clock: Clock,
         retries: int,
@@ -430,10 +431,12 @@ class Downloader:
         except aiohttp.ClientPayloadError:
             raise _Retry("connection broke mid-body", code="truncated") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise _Retry(
-                f"network error talking to storage: {describe_network_error(exc, timeout=_STALLED)}",
-                code="network_error",
-            ) from None
+            fault = describe_failure(
+                exc, url=url, origin="storage", proxy=self._session.proxies.proxy_for(url)
+            )
+            if not fault.retryable:
+                raise StorageError(fault.message, code=fault.code) from None
+            raise _Retry(fault.message, code=fault.code) from None
 
     def _get(self, url: str, headers: dict[str, str]) -> Any:
         return _RedirectingGet(self, url, headers)
@@ -691,9 +694,6 @@ async def _local(fn: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args)
     except OSError as exc:
         raise _local_io_error(exc, "") from None
-
-
-_STALLED = "no data for read_timeout (stalled)"
 
 
 def _local_io_error(exc: OSError, job_key: str) -> LocalIOError:

@@ -1,8 +1,24 @@
 """Redaction of secrets from anything a human or a file will see.
 
-Signed-URL query strings carry the credential of the storage host; the API key is the user's.
-Neither may reach a log line, a report, the state store, an exception message or a traceback
-(SPEC §4–5). Everything that formats text for output passes through :class:`Redactor`.
+Signed-URL query strings carry the credential of the storage host; the API key is the user's;
+a proxy URL may carry a user and password. None may reach a log line, a report, the state store,
+an exception message or a traceback. Everything a server says (error codes, messages, bodies)
+passes through :class:`Redactor` where it enters (the API client, the downloader), and everything
+that formats text for output passes through it again.
+
+What a :class:`Redactor` removes, besides the secrets it is given:
+
+- the query string of any ``scheme://host/path?query`` URL, and of a bare ``path/or.file?name=value``
+  (a signed URL echoed without its ``scheme://host``);
+- URL userinfo: ``scheme://user:password@host`` -> ``scheme://<redacted>@host``;
+- well-known signing and credential parameters wherever they stand (``X-Amz-Signature=``,
+  ``X-Amz-Credential=``, ``X-Amz-Security-Token=``, ``X-Goog-Signature=``, ``X-Goog-Credential=``,
+  ``Signature=``, ``sig=``, ``AWSAccessKeyId=``, ``Key-Pair-Id=``, ``token=``, ``access_token=``,
+  ``api_key=``; AWS S3, Google Cloud Storage, Azure SAS and CloudFront presigned URL vocabulary);
+- what S3 echoes of a signature in its ``SignatureDoesNotMatch`` body (``<SignatureProvided>``,
+  ``<StringToSign>``, ``<StringToSignBytes>``, ``<CanonicalRequest>``, ``<CanonicalRequestBytes>``,
+  ``<AWSAccessKeyId>``);
+- the value of echoed ``Authorization``, ``Proxy-Authorization`` and ``X-Api-Key`` headers.
 """
 
 from __future__ import annotations
@@ -11,12 +27,36 @@ import logging
 import re
 from collections.abc import Iterable
 
-__all__ = ["REDACTED", "RedactingFilter", "Redactor", "escape_controls", "redact_url"]
+__all__ = [
+    "REDACTED",
+    "RedactingFilter",
+    "Redactor",
+    "escape_controls",
+    "redact_patterns",
+    "redact_url",
+]
 
 REDACTED = "<redacted>"
 # A URL followed by a query string: keep scheme://host/path, drop the query (and fragment).
 # "+" not "*": an already redacted "?<redacted>" does not match again.
 _URL_QUERY = re.compile(r"(?i)\b((?:https?|wss?)://[^\s?#\"'<>]*)\?[^\s\"'<>]+")
+# A path followed by "?name=value": a signed URL's query without its scheme://host in front.
+_BARE_QUERY = re.compile(r"([\w~%-]*[./][\w.~%/-]*)\?[\w.~%-]+=[^\s\"'<>]*")
+# scheme://user[:password]@host -> scheme://<redacted>@host (proxy URLs, storage URLs).
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@\"'<>]+@")
+_SIGNING_PARAMS = re.compile(
+    r"(?i)(?<![\w-])(x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature"
+    r"|x-goog-credential|signature|sig|awsaccesskeyid|key-pair-id|token|access_token|api_?key)"
+    r"=(?!<redacted>)[^\s&\"'<>]+"
+)
+_S3_ECHOES = re.compile(
+    r"<(SignatureProvided|StringToSign|StringToSignBytes|CanonicalRequest|CanonicalRequestBytes"
+    r"|AWSAccessKeyId)>[^<]*</\1>"
+)
+_AUTH_HEADERS = re.compile(
+    r"(?i)\b(authorization|proxy-authorization|x-api-key)([\"']?\s*[:=]\s*[\"']?)"
+    r"(?!<redacted>)(?:(?:basic|bearer|digest|token)\s+)?[^\s\"',;<>]+"
+)
 #: Secrets shorter than this are redacted only as whole tokens, so that a (silly) key like "1" does
 #: not turn every digit of a report into "<redacted>".
 _SHORT_SECRET = 8
@@ -26,6 +66,20 @@ def redact_url(url: str) -> str:
     """Return ``url`` with its query string replaced by ``?<redacted>`` (no change if it has none)."""
     base, sep, _ = url.partition("?")
     return f"{base}?{REDACTED}" if sep else base
+
+
+def redact_patterns(text: str) -> str:
+    """Return ``text`` without the secrets any text may hold (see the module docstring).
+
+    Needs no list of secrets: URL queries, userinfo, signing parameters, S3 signature echoes and
+    echoed authorization headers.
+    """
+    text = _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    text = _URL_QUERY.sub(lambda m: f"{m.group(1)}?{REDACTED}", text)
+    text = _BARE_QUERY.sub(lambda m: f"{m.group(1)}?{REDACTED}", text)
+    text = _SIGNING_PARAMS.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+    text = _S3_ECHOES.sub(lambda m: f"<{m.group(1)}>{REDACTED}</{m.group(1)}>", text)
+    return _AUTH_HEADERS.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
 
 
 class Redactor:
@@ -48,13 +102,13 @@ class Redactor:
             self._short.append(re.compile(rf"(?<![A-Za-z0-9_]){token}(?![A-Za-z0-9_])"))
 
     def __call__(self, text: str) -> str:
-        """Return ``text`` without secrets or URL query strings."""
+        """Return ``text`` without secrets, URL query strings, userinfo or signing parameters."""
         for secret in self._secrets:
             if len(secret) >= _SHORT_SECRET:
                 text = text.replace(secret, REDACTED)
         for pattern in self._short:
             text = pattern.sub(REDACTED, text)
-        return _URL_QUERY.sub(lambda m: f"{m.group(1)}?{REDACTED}", text)
+        return redact_patterns(text)
 
     def redact_values(self, value: object) -> object:
         """Return ``value`` (JSON-like: dicts, lists, strings, numbers) with every string redacted.

@@ -1,5 +1,7 @@
 """The retry budget shared by the API client and the downloader: count, give up, back off.
 
+Network errors are named by the one table in :func:`batch_export.http.describe_failure`.
+
 Backoff: exponential with full jitter, ``uniform(0, min(cap, base * 2**n))`` seconds
 (:func:`batch_export.lifecycle.backoff_delay`), unless the server named its own wait.
 """
@@ -13,7 +15,7 @@ from batch_export.clock import Clock
 from batch_export.errors import JobError, RetriesExhausted
 from batch_export.lifecycle import backoff_delay
 
-__all__ = ["RetryBudget", "RetryPolicy", "describe_network_error"]
+__all__ = ["RetryBudget", "RetryPolicy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +72,3 @@ class RetryBudget:
                     rng=policy.rng,
                 )
             )
-
-
-def describe_network_error(exc: BaseException, *, timeout: str) -> str:
-    """Name a network error without its library message (which may carry a URL).
-
-    ``timeout`` is the text for a timeout (aiohttp's ServerTimeoutError is a TimeoutError).
-    """
-    if isinstance(exc, TimeoutError):
-        return timeout
-    errno = getattr(exc, "errno", None)
-    return type(exc).__name__ + (f" (errno {errno})" if errno else "")

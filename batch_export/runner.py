@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import aiohttp
 import anyio
 
-from batch_export import __version__
-from batch_export.api import PackageStatus, PixxelClient
+from batch_export.api import API_CONNECTIONS, PackageStatus, PixxelClient
 from batch_export.clock import Clock, SystemClock
 from batch_export.download import Downloader, commit_part, discard_part, part_path, verify_package
 from batch_export.errors import (
@@ -34,6 +32,7 @@ from batch_export.errors import (
     UrlRejected,
     VerificationError,
 )
+from batch_export.http import open_sessions
 from batch_export.lifecycle import (
     MAX_EMPTY_URL_ANSWERS,
     MAX_URL_REFRESHES,
@@ -256,20 +255,12 @@ class Runner:
     async def run(self) -> RunResult:
         """Run every job; return when each has an outcome. Never raises for a job's failure."""
         started = self._clock.monotonic()
-        headers = {"User-Agent": f"batch-export/{__version__}"}
-        api_conn = aiohttp.TCPConnector(limit=0)
-        storage_conn = aiohttp.TCPConnector(limit=max(4, self.settings.downloads * 2))
-        async with (
-            aiohttp.ClientSession(
-                connector=api_conn, headers=headers, cookie_jar=aiohttp.DummyCookieJar()
-            ) as api_session,
-            aiohttp.ClientSession(
-                connector=storage_conn,
-                headers=headers,
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            ) as storage_session,
-        ):
+        async with open_sessions(
+            api_connections=min(self.settings.in_flight, API_CONNECTIONS),
+            storage_connections=max(4, self.settings.downloads * 2),
+            redactor=self._redact,
+        ) as sessions:
+            api_session, storage_session = sessions.api, sessions.storage
             self._client = PixxelClient(
                 api_session,
                 base_url=self.settings.api_url,
@@ -281,6 +272,8 @@ class Runner:
                 backoff_base=self.settings.backoff_base,
                 backoff_cap=self.settings.backoff_cap,
                 rng=self._rng,
+                redactor=self._redact,
+                connections=min(self.settings.in_flight, API_CONNECTIONS),
             )
             self._downloader = Downloader(
                 storage_session,

@@ -17,7 +17,10 @@ signed URL or a key reaches a log line::
         │   ├── UrlRejected          storage said 400/401/403: fetch a fresh signed URL
         │   └── TransferError        network error / bad answer while streaming: retry or resume
         ├── VerificationError        the bytes on disk are not the package (length, MD5, zip CRC)
-        └── LocalIOError             disk full, unwritable output dir: stops new downloads
+        ├── LocalIOError             disk full, unwritable output dir: stops new downloads
+        └── ObjectStoreError         the object store of an ``s3://`` output failed (code store_error)
+            ├── StoreAuthError       it refused the credentials (store_auth): opens the run's breaker
+            └── StoreNotFound        the bucket is missing (store_not_found)
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ __all__ = [
     "LocalIOError",
     "LockHeldError",
     "ManifestError",
+    "ObjectStoreError",
     "PollTimeout",
     "RetriesExhausted",
     "StorageError",
+    "StoreAuthError",
+    "StoreNotFound",
     "TransferError",
     "UrlRejected",
     "UsageError",
@@ -157,3 +163,37 @@ class LocalIOError(JobError):
     """Raised when the local disk fails us (full, read-only, permission): stops new downloads."""
 
     code = "local_io"
+
+
+class ObjectStoreError(JobError):
+    """Raised when the object store of an ``s3://`` output fails (5xx, network, a refused part).
+
+    Attributes:
+        retryable: True for 5xx, network errors and refused parts (retried with backoff).
+    """
+
+    code = "store_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        http_status: int | None = None,
+        job_key: str | None = None,
+        retryable: bool = True,
+    ) -> None:
+        super().__init__(message, code=code, http_status=http_status, job_key=job_key)
+        self.retryable = retryable
+
+
+class StoreAuthError(ObjectStoreError):
+    """Raised when the object store refuses the credentials (401/403): never retried."""
+
+    code = "store_auth"
+
+
+class StoreNotFound(ObjectStoreError):
+    """Raised when the bucket (or container) of the output does not exist: never retried."""
+
+    code = "store_not_found"

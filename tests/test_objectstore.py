@@ -1,0 +1,434 @@
+"""The object-store module against a real S3 server (SeaweedFS) on loopback, through a recording proxy.
+
+Request counts are taken at the proxy, i.e. at the server's door.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from batch_export.errors import (
+    ObjectStoreError,
+    RetriesExhausted,
+    StoreAuthError,
+    UsageError,
+)
+from batch_export.objectstore import (
+    MAX_PARTS,
+    ObjectInfo,
+    S3Store,
+    StoreUrl,
+    default_state_dir,
+    multipart_etag,
+    parse_store_url,
+    part_size_for,
+    store_secrets,
+)
+from batch_export.redact import Redactor
+from batch_export.retry import RetryPolicy
+from tests.fakes import FakeClock
+from tests.s3server import (
+    ACCESS_KEY,
+    AWS_USER_VARIABLES,
+    BUCKET,
+    READER_ACCESS_KEY,
+    READER_SECRET_KEY,
+    SECRET_KEY,
+    S3Proxy,
+    SeaweedS3,
+    Seen,
+    s3_environ,
+)
+
+pytestmark = pytest.mark.anyio
+MiB = 1024 * 1024
+PART = 5 * MiB  # S3's smallest part
+
+
+# ------------------------------------------------------------------------------------ pure parts
+
+
+def test_parse_store_url() -> None:
+    assert parse_store_url("s3://bucket/nightly") == StoreUrl("s3", "bucket", "nightly")
+    assert parse_store_url("s3://bucket/a//b/") == StoreUrl("s3", "bucket", "a/b")
+    assert parse_store_url("S3://bucket") == StoreUrl("s3", "bucket", "")
+    assert parse_store_url("exports") is None
+    assert parse_store_url("/srv/exports") is None
+    assert str(StoreUrl("s3", "bucket", "nightly")) == "s3://bucket/nightly"
+    assert str(StoreUrl("s3", "bucket", "")) == "s3://bucket"
+    assert StoreUrl("s3", "bucket", "nightly").key_for("a/b.zip") == "nightly/a/b.zip"
+    assert StoreUrl("s3", "bucket", "").key_for("a/b.zip") == "a/b.zip"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("gs://bucket/x", "gs://"),
+        ("az://container/x", "az://"),
+        ("ftp://host/x", "ftp://"),
+        ("s3://Bucket_Upper/x", "bucket name"),
+        ("s3://ab/x", "bucket name"),
+        ("s3://bucket/a/../b", "'..'"),
+        ("s3://user@bucket/x", "no user"),
+        ("s3://bucket/x?versionId=1", "no user, query"),
+    ],
+)
+def test_parse_store_url_refuses(text: str, fragment: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_store_url(text)
+    assert fragment in caught.value.message
+
+
+def test_default_state_dir_is_sanitised(tmp_path: Path) -> None:
+    url = StoreUrl("s3", "bucket", "nightly/run 1/ü")
+    assert default_state_dir(tmp_path, url) == tmp_path / ".batch-export/s3/bucket/nightly/run_1/_"
+    assert (
+        default_state_dir(tmp_path, StoreUrl("s3", "b.x", "")) == tmp_path / ".batch-export/s3/b.x"
+    )
+
+
+def test_part_size_grows_to_stay_within_max_parts() -> None:
+    assert part_size_for(1, part_size=16 * MiB) == 16 * MiB
+    big = 16 * MiB * MAX_PARTS + 1
+    size = part_size_for(big, part_size=16 * MiB)
+    assert size == 17 * MiB
+    assert -(-big // size) <= MAX_PARTS
+
+
+def test_multipart_etag_formula() -> None:
+    md5s = [hashlib.md5(b"a").digest(), hashlib.md5(b"b").digest()]
+    assert multipart_etag(md5s) == hashlib.md5(md5s[0] + md5s[1]).hexdigest() + "-2"
+
+
+def test_store_secrets() -> None:
+    env = {"AWS_SECRET_ACCESS_KEY": "sek", "AWS_SESSION_TOKEN": "tok", "AWS_REGION": "eu-west-1"}
+    assert store_secrets(env) == ["sek", "tok"]
+
+
+# ------------------------------------------------------------------------------ real server
+
+
+@pytest.fixture
+async def proxy(s3_server: SeaweedS3) -> AsyncIterator[S3Proxy]:
+    recorder = S3Proxy(upstream=s3_server.endpoint)
+    await recorder.start()
+    yield recorder
+    await recorder.close()
+
+
+@pytest.fixture
+def s3_env(proxy: S3Proxy, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name in AWS_USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    env = s3_environ(proxy.url)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def _policy(retries: int = 3) -> RetryPolicy:
+    return RetryPolicy(clock=FakeClock(), retries=retries)
+
+
+def _prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def _package(tmp_path: Path, size: int) -> tuple[Path, str]:
+    path = tmp_path / "package.zip"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def _parts(proxy: S3Proxy) -> list[Seen]:
+    return [seen for seen in proxy.requests if seen.operation == "UploadPart"]
+
+
+async def test_small_package_is_one_put_with_md5_sigv4_and_sha256(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    path, sha = _package(tmp_path, 3 * MiB)
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        result = await store.upload(path, url.key_for("a/p.zip"), size=3 * MiB, sha256=sha)
+    assert proxy.operations() == ["PutObject"]
+    put = proxy.requests[0]
+    assert put.headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=" + ACCESS_KEY)
+    assert put.headers["content-md5"]
+    assert put.headers["x-amz-meta-sha256"] == sha
+    assert (result.parts, result.parts_sent, result.resumed) == (1, 1, False)
+    data, metadata = s3_server.get(url.key_for("a/p.zip"))
+    assert hashlib.sha256(data).hexdigest() == sha
+    assert metadata == {"sha256": sha}
+
+
+async def test_multipart_object_appears_only_when_complete(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    key = url.key_for("p.zip")
+    size = 2 * PART + 123
+    path, sha = _package(tmp_path, size)
+    seen_before: list[tuple[str, dict[str, int]]] = []
+
+    async def look(seen: Seen) -> None:
+        listing = await asyncio.to_thread(s3_server.objects, BUCKET, url.prefix)
+        seen_before.append((seen.operation, listing))
+
+    proxy.before = look
+    bytes_seen: list[int] = []
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        result = await store.upload(path, key, size=size, sha256=sha, on_bytes=bytes_seen.append)
+    ops = proxy.operations()
+    assert ops[:2] == ["ListMultipartUploads", "CreateMultipartUpload"]
+    assert sorted(ops[2:5]) == ["UploadPart"] * 3
+    assert ops[5:] == ["CompleteMultipartUpload"]
+    # Before every request, the completion included, nothing was under the final key.
+    assert [listing for _, listing in seen_before] == [{}] * 6
+    assert s3_server.objects(BUCKET, url.prefix) == {key: size}
+    parts = _parts(proxy)
+    assert sorted(p.size for p in parts) == [123, PART, PART]
+    assert all(p.headers.get("content-md5") for p in parts)
+    assert all(p.headers["authorization"].startswith("AWS4-HMAC-SHA256") for p in parts)
+    assert sum(bytes_seen) == size
+    data, metadata = s3_server.get(key)
+    assert hashlib.sha256(data).hexdigest() == sha
+    assert metadata == {"sha256": sha}
+    assert (result.parts, result.parts_sent, result.resumed) == (3, 3, False)
+    assert s3_server.uploads(BUCKET, url.prefix) == []
+
+
+async def test_part_corrupted_in_flight_is_refused_and_sent_again(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    key = url.key_for("p.zip")
+    size = 2 * PART + 7
+    path, sha = _package(tmp_path, size)
+    flipped: list[str] = []
+
+    def corrupt(seen: Seen) -> bool:
+        if seen.operation == "UploadPart" and seen.query["partNumber"] == "2" and not flipped:
+            flipped.append(seen.query["partNumber"])
+            return True
+        return False
+
+    proxy.corrupt = corrupt
+    clock = FakeClock()
+    async with S3Store.connect(
+        url, retry=RetryPolicy(clock=clock, retries=3), part_size=PART, concurrency=1
+    ) as store:
+        await store.upload(path, key, size=size, sha256=sha)
+    part2 = [p for p in _parts(proxy) if p.query["partNumber"] == "2"]
+    assert [p.status for p in part2] == [400, 200]  # BadDigest from the store, then accepted
+    assert len(clock.sleeps) == 1  # one backoff before the second try
+    data, metadata = s3_server.get(key)
+    assert hashlib.sha256(data).hexdigest() == sha
+    assert metadata == {"sha256": sha}
+
+
+async def test_server_errors_spent_abort_the_upload(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    key = url.key_for("p.zip")
+    size = PART + 1
+    path, sha = _package(tmp_path, size)
+    proxy.answer = lambda seen: (
+        503 if seen.operation == "UploadPart" and seen.query["partNumber"] == "2" else None
+    )
+    async with S3Store.connect(url, retry=_policy(retries=2), part_size=PART) as store:
+        with pytest.raises(RetriesExhausted) as caught:
+            await store.upload(path, key, size=size, sha256=sha)
+    assert caught.value.code == "store_error"
+    assert caught.value.http_status == 503
+    assert [p.status for p in _parts(proxy) if p.query["partNumber"] == "2"] == [503, 503, 503]
+    assert proxy.operations()[-1] == "AbortMultipartUpload"
+    assert s3_server.uploads(BUCKET, url.prefix) == []
+    assert s3_server.objects(BUCKET, url.prefix) == {}
+
+
+async def test_interrupted_upload_is_resumed_without_resending_parts(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    key = url.key_for("p.zip")
+    size = 3 * PART + 11
+    path, sha = _package(tmp_path, size)
+    hang = asyncio.Event()
+
+    async def stall_third_part(seen: Seen) -> None:
+        if seen.operation == "UploadPart" and seen.query["partNumber"] == "3":
+            hang.set()
+            await asyncio.Event().wait()  # never answers: the client is cut off here
+
+    proxy.before = stall_third_part
+    async with S3Store.connect(url, retry=_policy(), part_size=PART, concurrency=1) as store:
+        task = asyncio.create_task(store.upload(path, key, size=size, sha256=sha))
+        await hang.wait()
+        task.cancel()  # a signal: the upload stays for the next run
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert s3_server.objects(BUCKET, url.prefix) == {}
+    [(left_key, upload_id)] = s3_server.uploads(BUCKET, url.prefix)
+    assert left_key == key
+
+    proxy.before = None
+    proxy.requests.clear()
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        result = await store.upload(path, key, size=size, sha256=sha)
+    ops = proxy.operations()
+    assert ops[:2] == ["ListMultipartUploads", "ListParts"]
+    assert "CreateMultipartUpload" not in ops
+    assert sorted(p.query["partNumber"] for p in _parts(proxy)) == ["3", "4"]
+    assert all(p.query["uploadId"] == upload_id for p in _parts(proxy))
+    assert ops[-1] == "CompleteMultipartUpload"
+    assert (result.parts, result.parts_sent, result.resumed) == (4, 2, True)
+    data, metadata = s3_server.get(key)
+    assert hashlib.sha256(data).hexdigest() == sha
+    assert metadata == {"sha256": sha}
+    assert s3_server.uploads(BUCKET, url.prefix) == []
+
+
+async def test_leftover_of_another_file_is_aborted_not_resumed(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    key = url.key_for("p.zip")
+    client = s3_server.client()
+    stale = client.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]  # type: ignore[attr-defined]
+    client.upload_part(Bucket=BUCKET, Key=key, UploadId=stale, PartNumber=1, Body=os.urandom(PART))  # type: ignore[attr-defined]
+    size = PART + 5
+    path, sha = _package(tmp_path, size)
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        result = await store.upload(path, key, size=size, sha256=sha)
+    assert result.resumed is False
+    ops = proxy.operations()
+    assert ops[:4] == [
+        "ListMultipartUploads",
+        "ListParts",
+        "AbortMultipartUpload",
+        "CreateMultipartUpload",
+    ]
+    assert s3_server.uploads(BUCKET, url.prefix) == []
+    data, _ = s3_server.get(key)
+    assert hashlib.sha256(data).hexdigest() == sha
+
+
+async def test_stat_reports_size_and_sha256_or_missing(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    path, sha = _package(tmp_path, 1000)
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        await store.upload(path, url.key_for("p.zip"), size=1000, sha256=sha)
+        assert await store.stat(url.key_for("p.zip")) == ObjectInfo(size=1000, sha256=sha)
+        assert await store.stat(url.key_for("gone.zip")) is None
+    assert proxy.operations() == ["PutObject", "HeadObject", "HeadObject"]
+
+
+async def test_check_passes_on_a_good_bucket(proxy: S3Proxy, s3_env: dict[str, str]) -> None:
+    async with S3Store.connect(StoreUrl("s3", BUCKET, "x"), retry=_policy()) as store:
+        await store.check()
+        assert set(store.secrets()) == {ACCESS_KEY, SECRET_KEY}
+    assert proxy.operations() == ["HeadBucket"]
+
+
+async def test_check_missing_bucket_is_store_not_found(
+    proxy: S3Proxy, s3_env: dict[str, str]
+) -> None:
+    async with S3Store.connect(StoreUrl("s3", "no-such-bucket", "x"), retry=_policy()) as store:
+        with pytest.raises(UsageError) as caught:
+            await store.check()
+    assert caught.value.code == "store_not_found"
+    assert "no bucket 'no-such-bucket'" in caught.value.message
+    assert proxy.operations() == ["HeadBucket"]
+
+
+async def test_check_wrong_credentials_is_store_auth_after_one_request(
+    proxy: S3Proxy, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
+    async with S3Store.connect(StoreUrl("s3", BUCKET, "x"), retry=_policy()) as store:
+        with pytest.raises(UsageError) as caught:
+            await store.check()
+    assert caught.value.code == "store_auth"
+    assert "wrong-secret" not in caught.value.message
+    assert proxy.operations() == ["HeadBucket"]
+    assert proxy.requests[0].status == 403
+
+
+async def test_check_unreachable_store_is_store_error(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    clock = FakeClock()
+    async with S3Store.connect(
+        StoreUrl("s3", BUCKET, "x"), retry=RetryPolicy(clock=clock, retries=2)
+    ) as store:
+        with pytest.raises(UsageError) as caught:
+            await store.check()
+    assert caught.value.code == "store_error"
+    assert f"127.0.0.1:{port}" in caught.value.message
+    assert len(clock.sleeps) == 2
+
+
+async def test_refused_credentials_mid_run_are_store_auth_without_retry(
+    s3_server: SeaweedS3,
+    proxy: S3Proxy,
+    s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # A read-only identity passes the start-up check and is refused at the first write.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER_SECRET_KEY)
+    url = StoreUrl("s3", BUCKET, _prefix())
+    path, sha = _package(tmp_path, 1000)
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        await store.check()
+        with pytest.raises(StoreAuthError) as caught:
+            await store.upload(path, url.key_for("p.zip"), size=1000, sha256=sha, job_key="k1")
+    assert caught.value.code == "store_auth"
+    assert caught.value.job_key == "k1"
+    assert caught.value.http_status == 403
+    assert proxy.operations() == ["HeadBucket", "PutObject"]
+    redact = Redactor(store_secrets())
+    assert READER_SECRET_KEY not in redact(str(caught.value))
+    assert s3_server.objects(BUCKET, url.prefix) == {}
+
+
+async def test_missing_credentials_are_store_auth(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    async with S3Store.connect(StoreUrl("s3", BUCKET, "x"), retry=_policy()) as store:
+        with pytest.raises(UsageError) as caught:
+            await store.check()
+    assert caught.value.code == "store_auth"
+    assert "AWS_ACCESS_KEY_ID" in caught.value.message
+
+
+async def test_staged_file_shorter_than_recorded_is_local_io(
+    proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    path, sha = _package(tmp_path, 100)
+    async with S3Store.connect(StoreUrl("s3", BUCKET, _prefix()), retry=_policy()) as store:
+        with pytest.raises(ObjectStoreError) as caught:
+            await store.upload(path, "x/p.zip", size=200, sha256=sha)
+    assert caught.value.code == "local_io"
+    assert proxy.operations() == []

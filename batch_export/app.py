@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import anyio
 
 from batch_export.errors import BatchExportError, UsageError
-from batch_export.lifecycle import StatusVocabulary, job_key, shard_of
+from batch_export.lifecycle import job_key, shard_of
 from batch_export.lock import StateLock
 from batch_export.logs import configure_logging
 from batch_export.manifest import ExportSpec, Manifest
@@ -26,13 +26,28 @@ from batch_export.metrics import write_metrics
 from batch_export.progress import FanOut, LogObserver, ProgressDisplay
 from batch_export.redact import Redactor, escape_controls
 from batch_export.report import build_report, new_run_id, write_report
-from batch_export.runner import Outcome, Runner, RunObserver, RunResult, Settings
+from batch_export.runner import Runner
 from batch_export.signals import SIGNAL_NAMES, Interrupted, install_handlers
 from batch_export.store import SqliteStore
+from batch_export.types import (
+    DEFAULT_API_URL,
+    DEFAULT_KEY_ENV,
+    DEFAULT_RATE,
+    KEY_FILE_ENV,
+    REPORTS_DIR,
+    STATE_DIR_NAME,
+    STATE_ENTRIES,
+    Outcome,
+    RunObserver,
+    RunResult,
+    Settings,
+    StatusVocabulary,
+)
 from batch_export.urls import url_refusal
 
 __all__ = [
     "DEFAULT_API_URL",
+    "STATE_ENTRIES",
     "RunOptions",
     "execute_run",
     "plan_lines",
@@ -40,9 +55,6 @@ __all__ = [
     "resolve_settings",
 ]
 
-DEFAULT_API_URL = "https://api.pixxel.space"
-DEFAULT_KEY_ENV = "PIXXEL_API_KEY"
-KEY_FILE_ENV = "PIXXEL_API_KEY_FILE"
 log = logging.getLogger("batch_export")
 
 
@@ -90,7 +102,7 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
     if options.state_dir:
         state_dir = options.state_dir.absolute()
     else:
-        state_dir = out_dir / ".batch-export"
+        state_dir = out_dir / STATE_DIR_NAME
     defaults = Settings(api_url="", out_dir=out_dir, state_dir=state_dir)
 
     def pick(cli: float | int | None, man: float | int | None, default: float | int) -> float | int:
@@ -124,17 +136,6 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
     if clash:
         raise UsageError(clash)
     return settings
-
-
-#: What a state dir holds; no package (or its .part) may land on or under one of these.
-STATE_ENTRIES = (
-    "state.sqlite3",
-    "state.sqlite3-wal",
-    "state.sqlite3-shm",
-    "state.sqlite3-journal",
-    "lock",
-    "reports",
-)
 
 
 def state_dir_clash(specs: tuple[ExportSpec, ...], *, out_dir: Path, state_dir: Path) -> str | None:
@@ -286,7 +287,7 @@ def plan_lines(
             )
         )
     jobs = len(specs)
-    rate = settings.rate if settings else manifest.limits.rate or 2.0
+    rate = settings.rate if settings else manifest.limits.rate or DEFAULT_RATE
     lines.append(
         f"{jobs} job(s); at least {jobs} API request(s), {2 * jobs} when the first answer is "
         f"pending; at {rate:g} requests/s that takes at least {_human(jobs / rate)}, "
@@ -442,7 +443,7 @@ def _run_locked(
         exit_code=exit_code,
         result=result,
     )
-    report_path = settings.state_dir / "reports" / f"{run_id}.json"
+    report_path = settings.state_dir / REPORTS_DIR / f"{run_id}.json"
     try:
         write_report(report, report_path, redactor=redactor)
         if options.report is not None:

@@ -6,11 +6,12 @@ Tests inject a fake clock so that nothing depends on real sleeps.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Protocol
 
 import anyio
 
-__all__ = ["Clock", "SystemClock"]
+__all__ = ["Clock", "SystemClock", "utc_timestamp"]
 
 
 class Clock(Protocol):
@@ -43,3 +44,8 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         """Sleep with :func:`anyio.sleep`."""
         await anyio.sleep(max(0.0, seconds))
+
+
+def utc_timestamp(epoch: float) -> str:
+    """Return ``epoch`` seconds as ``2026-11-29T03:00:00Z`` (UTC, whole seconds)."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

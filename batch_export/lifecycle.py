@@ -1,68 +1,146 @@
-"""The pure job lifecycle: states, the transition table, status classification and timing rules.
+"""The pure job lifecycle: states, the transition table, the job machine and timing rules (SPEC §4).
 
-Nothing here does I/O or sleeps; the runner feeds facts in and acts on the answers (SPEC §4).
+Nothing here does I/O or sleeps. The job machine works as h11's ``_state.py`` does: the runner
+(:mod:`batch_export.runner`) feeds it one *event* at a time (an answer arrived, bytes ended, a slot
+is free, …) and :func:`step` returns the job's next value and the *actions* to perform, in order::
+
+    step(JobValue, Event, Rules) -> (JobValue', tuple[Action, ...])
+
+Every rule of SPEC §4 is one row of :func:`step`; the counters the rules need (empty-URL answers,
+URL refreshes, verification failures, the poll interval, the time used of ``poll_timeout``) live in
+the :class:`JobValue`, next to the durable :class:`~batch_export.types.JobRecord` the runner saves.
+
+Events (what happened) and the actions a row answers with:
+
+==========================  =====================================================================
+event                       rows (state -> state: actions)
+==========================  =====================================================================
+``Loaded``                  done with its file intact -> ``Skip``; failed/done/abandoned -> queued
+                            (in memory); unfinished -> marked for crash recovery
+``Admitted``                queued/unfinished -> ``AwaitRequestSlot``; uploading (crash) -> ``Upload``
+``RequestSlotFree``         queued/ready/downloading -> requesting (a new request cycle);
+                            unfinished after a crash -> requesting (recovery, ``.part`` kept):
+                            ``SendPut(after=0)``
+``Answered``                requesting/preparing -> ready: ``AwaitDownloadSlot``; -> preparing:
+                            ``SendPut(after=poll wait)`` or ``TimeOut`` at ``poll_timeout``; ->
+                            failed (failed status, 3rd empty URL, URL not allowed)
+``RequestFailed``           requesting/preparing -> failed (400/403, retries spent, …)
+``PollDeadline``            preparing -> failed (``poll_timeout``)
+``DownloadSlotFree``        ready/downloading -> downloading: ``Download``; URL known expired (≤3
+                            refreshes) -> ``AwaitRequestSlot`` (then requesting)
+``TransferStarted``         downloading -> downloading (resume; the ``.part``'s ETag recorded)
+``StorageRefused``          downloading -> ``AwaitRequestSlot`` (≤3 refreshes) / failed
+``TransferFailed``          downloading -> failed (``.part`` kept for a later resume)
+``LocalFailed``             downloading/verifying -> failed, ``DiscardPart``, ``StopDownloads``
+``BytesEnded``              downloading -> verifying: ``Verify``
+``Verified``                verifying -> done: ``Finish(downloaded)``; object-store output ->
+                            uploading: ``Upload``
+``VerifyFailed``            verifying -> downloading: ``DiscardPart``, ``AwaitDownloadSlot`` (once);
+                            -> failed the second time
+``Uploaded``                uploading -> done: ``Finish(downloaded)``
+``UploadInterrupted``       uploading -> uploading: ``Upload`` (resume from the staged file)
+``UploadFailed``            uploading -> failed
+``Aborted``                 any -> failed (an error with no row of its own, e.g. a bug)
+==========================  =====================================================================
+
+An event that has no row in the job's state is a bug and raises :class:`IllegalTransition`; a
+failure of a job is never an illegal transition.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import math
 import random
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qsl, urlsplit
 
 from batch_export.errors import IllegalTransition
-from batch_export.manifest import ExportSpec
+from batch_export.types import (
+    DEFAULT_FAILED_STATUSES,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_POLL_MAX_INTERVAL,
+    DEFAULT_POLL_TIMEOUT,
+    DEFAULT_READY_STATUSES,
+    JobRecord,
+    JobState,
+    Outcome,
+    Problem,
+    StatusKind,
+    StatusVocabulary,
+)
+from batch_export.urls import url_refusal
+
+if TYPE_CHECKING:
+    from batch_export.manifest import ExportSpec
 
 __all__ = [
     "DEFAULT_FAILED_STATUSES",
     "DEFAULT_READY_STATUSES",
     "MAX_EMPTY_URL_ANSWERS",
     "MAX_URL_REFRESHES",
+    "MAX_VERIFY_FAILURES",
+    "RECOVERY",
     "TRANSITIONS",
+    "UNFINISHED",
+    "Aborted",
+    "Action",
+    "Admitted",
+    "Answered",
+    "AwaitDownloadSlot",
+    "AwaitRequestSlot",
+    "BytesEnded",
+    "DiscardPart",
+    "Download",
+    "DownloadSlotFree",
+    "Event",
+    "Finish",
+    "Inform",
     "JobState",
+    "JobValue",
+    "Loaded",
+    "LocalFailed",
+    "PollDeadline",
+    "RequestFailed",
+    "RequestSlotFree",
+    "Rules",
+    "SendPut",
+    "Skip",
     "StatusKind",
     "StatusVocabulary",
+    "StopDownloads",
+    "StorageRefused",
+    "TimeOut",
+    "TransferFailed",
+    "TransferStarted",
+    "Upload",
+    "UploadFailed",
+    "UploadInterrupted",
+    "Uploaded",
+    "Verified",
+    "Verify",
+    "VerifyFailed",
     "advance",
     "backoff_delay",
     "is_url_expired",
     "job_key",
     "next_poll_interval",
     "shard_of",
+    "step",
     "url_expiry",
 ]
 
-#: Status vocabulary (SPEC §1; Pixxel's sibling endpoints use pending/ready and
-#: created/in_progress/success/failed): compared case-insensitively.
-DEFAULT_READY_STATUSES = frozenset(
-    {"ready", "success", "succeeded", "completed", "complete", "done", "available"}
-)
-DEFAULT_FAILED_STATUSES = frozenset(
-    {"failed", "failure", "error", "errored", "cancelled", "canceled", "rejected", "expired"}
-)
 #: A ready status with an empty ``signed_url`` this many times in a row fails the job.
-MAX_EMPTY_URL_ANSWERS = 3
+MAX_EMPTY_URL_ANSWERS: Final = 3
 #: Fresh signed URLs a job may fetch after storage rejected one or it expired (SPEC §4).
-MAX_URL_REFRESHES = 3
-
-
-class JobState(enum.StrEnum):
-    """The states of a job (SPEC §4)."""
-
-    QUEUED = "queued"
-    REQUESTING = "requesting"
-    PREPARING = "preparing"
-    READY = "ready"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    DONE = "done"
-    FAILED = "failed"
-
+MAX_URL_REFRESHES: Final = 3
+#: Verification failures that fail the job: the first discards the ``.part`` and goes again from 0.
+MAX_VERIFY_FAILURES: Final = 2
 
 _S = JobState
 #: Every allowed transition (SPEC §4 table). Anything else raises :class:`IllegalTransition`.
@@ -72,12 +150,24 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     _S.PREPARING: frozenset({_S.PREPARING, _S.READY, _S.FAILED}),
     _S.READY: frozenset({_S.DOWNLOADING, _S.REQUESTING}),
     _S.DOWNLOADING: frozenset({_S.VERIFYING, _S.DOWNLOADING, _S.REQUESTING, _S.FAILED}),
-    _S.VERIFYING: frozenset({_S.DONE, _S.DOWNLOADING, _S.FAILED}),
-    _S.FAILED: frozenset({_S.QUEUED}),
+    _S.VERIFYING: frozenset({_S.DONE, _S.UPLOADING, _S.DOWNLOADING, _S.FAILED}),
+    _S.UPLOADING: frozenset({_S.DONE, _S.UPLOADING, _S.FAILED}),
+    _S.FAILED: frozenset({_S.QUEUED, _S.ABANDONED}),
     _S.DONE: frozenset({_S.QUEUED}),
+    _S.ABANDONED: frozenset({_S.QUEUED}),
+}
+#: Crash recovery (SPEC §4): what a state a crashed run left behind becomes in the next run.
+#: Signed URLs are never stored, so a fresh PUT comes first; an upload resumes from its staged file.
+RECOVERY: Mapping[JobState, JobState] = {
+    _S.REQUESTING: _S.REQUESTING,
+    _S.PREPARING: _S.REQUESTING,
+    _S.READY: _S.REQUESTING,
+    _S.DOWNLOADING: _S.REQUESTING,
+    _S.VERIFYING: _S.REQUESTING,
+    _S.UPLOADING: _S.UPLOADING,
 }
 #: States a crashed run leaves behind; the next run sends them back to ``requesting``.
-UNFINISHED = frozenset({_S.REQUESTING, _S.PREPARING, _S.READY, _S.DOWNLOADING, _S.VERIFYING})
+UNFINISHED = frozenset(s for s, to in RECOVERY.items() if to is _S.REQUESTING)
 
 
 def advance(current: JobState, to: JobState) -> JobState:
@@ -91,6 +181,545 @@ def advance(current: JobState, to: JobState) -> JobState:
     return to
 
 
+# ------------------------------------------------------------------------------------- machine
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The settings the machine decides by. Durations in seconds.
+
+    Attributes:
+        poll_interval, poll_max_interval: first and largest wait between polls.
+        poll_timeout: a job pending longer than this (over all its request cycles in a run) fails.
+        vocabulary: which statuses mean ready and failed.
+        allow_http: allow plain-http signed URLs on non-loopback hosts.
+        object_store: the output is an object store: a verified package is uploaded (SPEC §8).
+        rng: the source of poll-interval jitter (the only impurity; seed it in tests).
+    """
+
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    poll_max_interval: float = DEFAULT_POLL_MAX_INTERVAL
+    poll_timeout: float = DEFAULT_POLL_TIMEOUT
+    vocabulary: StatusVocabulary = field(default_factory=StatusVocabulary)
+    allow_http: bool = False
+    object_store: bool = False
+    rng: random.Random = field(default_factory=random.Random)
+
+
+@dataclass(frozen=True, slots=True)
+class JobValue:
+    """A job as the machine sees it: its durable record and the counters of this run.
+
+    Attributes:
+        record: the durable record (state, attempts, polls, part ETag, result, last error).
+        recovering: left unfinished by a crashed run; its next request cycle is the recovery row.
+        empty_urls: ready answers without a ``signed_url`` in a row (this request cycle).
+        answers: answers received in this request cycle (the first is not a poll).
+        poll_wait: the last wait between polls (seconds), None before the first.
+        last_status: the last ``status`` the API gave (for the ``poll_timeout`` message).
+        refreshes: fresh signed URLs fetched in this run.
+        verify_failures: packages that failed verification in this run.
+        pending_seconds: time spent requesting/polling in earlier request cycles of this run.
+        cycle_started: monotonic seconds when the current request cycle began.
+        deadline: monotonic seconds when the current cycle runs out of ``poll_timeout``.
+    """
+
+    record: JobRecord
+    recovering: bool = False
+    empty_urls: int = 0
+    answers: int = 0
+    poll_wait: float | None = None
+    last_status: str = ""
+    refreshes: int = 0
+    verify_failures: int = 0
+    pending_seconds: float = 0.0
+    cycle_started: float = 0.0
+    deadline: float = 0.0
+
+    @property
+    def state(self) -> JobState:
+        """The job's state."""
+        return self.record.state
+
+
+# -- events
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """The run found the job's record (or made a new one).
+
+    ``file_intact``: a done job's file is present with the recorded size; ``force``: redo done jobs.
+    """
+
+    file_intact: bool
+    force: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The run admitted the job (once per run)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSlotFree:
+    """An in-flight slot is held; ``now`` in monotonic seconds."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """The API answered the PUT with 200 (``status``, ``signed_url``); ``now`` monotonic seconds."""
+
+    status: str
+    signed_url: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """The PUT failed for good (400/403 envelope, retries spent, bad answer, …)."""
+
+    problem: Problem
+
+
+@dataclass(frozen=True, slots=True)
+class PollDeadline:
+    """The wait of a :class:`TimeOut` ended: ``poll_timeout`` is used up."""
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadSlotFree:
+    """A download slot is held; ``url_expired``: the signed URL is known to be expired (SPEC §4)."""
+
+    url_expired: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStarted:
+    """Storage's answer was accepted; the bytes of ``etag`` go to the ``.part`` (None: no ETag)."""
+
+    etag: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StorageRefused:
+    """Storage said 400/401/403, or the URL expired before a retry: a fresh URL may help."""
+
+    problem: Problem
+
+
+@dataclass(frozen=True, slots=True)
+class TransferFailed:
+    """The download failed for good (retries spent, 404, …); the ``.part`` stays for a resume."""
+
+    problem: Problem
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFailed:
+    """The local disk failed us.
+
+    ``during`` is ``"transfer"`` (writing), ``"verify"`` (reading back or committing) or ``"path"``
+    (the job's own path cannot be used).
+    """
+
+    problem: Problem
+    during: str
+
+
+@dataclass(frozen=True, slots=True)
+class BytesEnded:
+    """All bytes the server announced are in the ``.part``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """The ``.part`` passed every check and sits at its final path (local output) or is staged."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyFailed:
+    """The ``.part`` failed a check (length, MD5, zip)."""
+
+    problem: Problem
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """The object store confirmed the upload (SPEC §8)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadInterrupted:
+    """The upload broke off in a way worth another try from the staged file."""
+
+    problem: Problem
+
+
+@dataclass(frozen=True, slots=True)
+class UploadFailed:
+    """The upload failed for good (retries spent, refused)."""
+
+    problem: Problem
+
+
+@dataclass(frozen=True, slots=True)
+class Aborted:
+    """An error without a row of its own (a bug, the state store failing): fail the job with it."""
+
+    problem: Problem
+
+
+Event = (
+    Loaded
+    | Admitted
+    | RequestSlotFree
+    | Answered
+    | RequestFailed
+    | PollDeadline
+    | DownloadSlotFree
+    | TransferStarted
+    | StorageRefused
+    | TransferFailed
+    | LocalFailed
+    | BytesEnded
+    | Verified
+    | VerifyFailed
+    | Uploaded
+    | UploadInterrupted
+    | UploadFailed
+    | Aborted
+)
+
+# -- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Nothing to do this run: the job is done and its file intact (outcome ``skipped``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitRequestSlot:
+    """Wait for an in-flight slot (releasing a download slot); answer :class:`RequestSlotFree`."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendPut:
+    """Wait ``after`` seconds, then send the PUT; the client gives up at ``deadline`` (monotonic s).
+
+    Answer :class:`Answered` or :class:`RequestFailed`.
+    """
+
+    after: float
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class TimeOut:
+    """Wait ``after`` seconds, then answer :class:`PollDeadline`."""
+
+    after: float
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitDownloadSlot:
+    """Hold a download slot (releasing the in-flight slot); answer :class:`DownloadSlotFree`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Download:
+    """Stream the signed URL into the ``.part``, resuming the bytes of ``etag`` (None: from 0).
+
+    Answer :class:`TransferStarted` per accepted response, then :class:`BytesEnded`,
+    :class:`StorageRefused`, :class:`TransferFailed` or :class:`LocalFailed`.
+    """
+
+    etag: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    """Check the ``.part`` and commit it.
+
+    Answer :class:`Verified`, :class:`VerifyFailed` or :class:`LocalFailed`.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """Upload the staged, verified package (SPEC §8).
+
+    Answer :class:`Uploaded`, :class:`UploadInterrupted` or :class:`UploadFailed`.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardPart:
+    """Remove the job's ``.part`` (a failure to remove it is only logged)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopDownloads:
+    """Start no new download in this run (the disk is full or read-only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inform:
+    """Log ``message`` about the job at info level (``event``: the JSON-lines event name)."""
+
+    message: str
+    event: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The job reached its outcome for this run."""
+
+    outcome: Outcome
+
+
+Action = (
+    Skip
+    | AwaitRequestSlot
+    | SendPut
+    | TimeOut
+    | AwaitDownloadSlot
+    | Download
+    | Verify
+    | Upload
+    | DiscardPart
+    | StopDownloads
+    | Inform
+    | Finish
+)
+Step = tuple[JobValue, tuple[Action, ...]]
+
+_FAILED_JOB = (Finish(Outcome.FAILED),)
+
+
+def _move(value: JobValue, to: JobState, **changes: object) -> JobValue:
+    """``value`` in state ``to`` (checked against the table), with record ``changes``."""
+    advance(value.state, to)
+    return replace(value, record=value.record.evolve(state=to, **changes))
+
+
+def _fail(value: JobValue, problem: Problem, *actions: Action) -> Step:
+    """Fail the job with ``problem``; ``actions`` come before :class:`Finish`."""
+    if value.state in (_S.QUEUED, _S.READY):  # no direct edge: through requesting, as a PUT would
+        value = _start_cycle_state(value)
+    failed = _move(
+        value,
+        _S.FAILED,
+        error_code=problem.code,
+        error_message=problem.message,
+        error_http_status=problem.http_status,
+    )
+    return failed, (*actions, *_FAILED_JOB)
+
+
+def _start_cycle_state(value: JobValue) -> JobValue:
+    """``value`` moved to requesting: the recovery row after a crash, else a table edge."""
+    if value.recovering:
+        return replace(value, recovering=False, record=value.record.evolve(state=_S.REQUESTING))
+    return _move(value, _S.REQUESTING)
+
+
+def _unexpected(value: JobValue, event: Event) -> IllegalTransition:
+    return IllegalTransition(f"no row for {type(event).__name__} in state {value.state}")
+
+
+def step(value: JobValue, event: Event, rules: Rules) -> Step:
+    """Return the job's next value and the actions to perform, in order (SPEC §4).
+
+    Pure: no I/O, no clock (times come in the events), no randomness except the poll jitter drawn
+    from ``rules.rng``.
+
+    Raises:
+        IllegalTransition: ``event`` has no row in the job's state (a bug in the caller).
+    """
+    state = value.state
+    match event:
+        case Loaded(file_intact=intact, force=force):
+            if state is _S.DONE and intact and not force:
+                return value, (Skip(),)
+            if state in (_S.FAILED, _S.DONE, _S.ABANDONED):
+                return _move(value, _S.QUEUED), ()
+            if state in RECOVERY:
+                return replace(value, recovering=True), ()
+            return value, ()
+        case Admitted():
+            if value.recovering and RECOVERY[state] is _S.UPLOADING:
+                return replace(value, recovering=False), (Upload(),)
+            if state is _S.QUEUED or value.recovering:
+                return value, (AwaitRequestSlot(),)
+        case RequestSlotFree(now=now):
+            if state in (_S.QUEUED, _S.READY, _S.DOWNLOADING) or value.recovering:
+                moved = _start_cycle_state(value)
+                deadline = now + max(0.0, rules.poll_timeout - value.pending_seconds)
+                cycle = replace(
+                    moved,
+                    record=moved.record.evolve(attempts=moved.record.attempts + 1),
+                    empty_urls=0,
+                    answers=0,
+                    poll_wait=None,
+                    cycle_started=now,
+                    deadline=deadline,
+                )
+                return cycle, (SendPut(after=0.0, deadline=deadline),)
+        case Answered():
+            if state in (_S.REQUESTING, _S.PREPARING):
+                return _answered(value, event, rules)
+        case RequestFailed(problem=problem):
+            if state in (_S.REQUESTING, _S.PREPARING):
+                return _fail(value, problem)
+        case PollDeadline():
+            if state is _S.PREPARING:
+                return _fail(
+                    value,
+                    Problem(
+                        "poll_timeout",
+                        f"package still {value.last_status[:64]!r} after poll_timeout "
+                        f"({rules.poll_timeout:g} s)",
+                        200,
+                    ),
+                )
+        case DownloadSlotFree(url_expired=expired):
+            if state in (_S.READY, _S.DOWNLOADING):
+                if expired and value.refreshes < MAX_URL_REFRESHES:
+                    return replace(value, refreshes=value.refreshes + 1), (AwaitRequestSlot(),)
+                if state is _S.READY:
+                    value = _move(value, _S.DOWNLOADING)
+                return value, (Download(etag=value.record.part_etag),)
+        case TransferStarted(etag=etag):
+            if state is _S.DOWNLOADING:
+                return _move(value, _S.DOWNLOADING, part_etag=etag), ()
+        case StorageRefused(problem=problem):
+            if state is _S.DOWNLOADING:
+                if value.refreshes < MAX_URL_REFRESHES:
+                    refreshed = replace(value, refreshes=value.refreshes + 1)
+                    note = Inform(f"{problem.message}; fetching a fresh signed URL")
+                    return refreshed, (note, AwaitRequestSlot())
+                return _fail(value, problem)
+        case TransferFailed(problem=problem):
+            if state is _S.DOWNLOADING:
+                return _fail(value, problem)
+        case LocalFailed(problem=problem, during=during):
+            if during == "path" and state is _S.DOWNLOADING:
+                return _fail(value, problem)
+            if (during, state) in (("transfer", _S.DOWNLOADING), ("verify", _S.VERIFYING)):
+                return _fail(value, problem, StopDownloads(), DiscardPart())
+        case BytesEnded():
+            if state is _S.DOWNLOADING:
+                return _move(value, _S.VERIFYING), (Verify(),)
+        case Verified(size=size, sha256=sha256):
+            if state is _S.VERIFYING:
+                if rules.object_store:
+                    staged = _move(value, _S.UPLOADING, bytes=size, sha256=sha256, part_etag=None)
+                    return staged, (Upload(),)
+                return _done(value, size=size, sha256=sha256)
+        case VerifyFailed(problem=problem):
+            if state is _S.VERIFYING:
+                failures = value.verify_failures + 1
+                counted = replace(value, verify_failures=failures)
+                if failures >= MAX_VERIFY_FAILURES:
+                    return _fail(counted, problem, DiscardPart())
+                again = _move(counted, _S.DOWNLOADING, part_etag=None)
+                note = Inform(
+                    f"{problem.message}; downloading it again from 0", "verify_retry", problem.code
+                )
+                return again, (DiscardPart(), note, AwaitDownloadSlot())
+        case Uploaded():
+            if state is _S.UPLOADING:
+                return _done(value, size=value.record.bytes, sha256=value.record.sha256)
+        case UploadInterrupted():
+            if state is _S.UPLOADING:
+                return _move(value, _S.UPLOADING), (Upload(),)
+        case UploadFailed(problem=problem):
+            if state is _S.UPLOADING:
+                return _fail(value, problem)
+        case Aborted(problem=problem):
+            if state in (_S.DONE, _S.FAILED, _S.ABANDONED):
+                # Its outcome was decided but could not be saved: report the error, keep the state.
+                kept = replace(
+                    value,
+                    record=value.record.evolve(
+                        error_code=problem.code,
+                        error_message=problem.message,
+                        error_http_status=problem.http_status,
+                    ),
+                )
+                return kept, _FAILED_JOB
+            return _fail(value, problem)
+    raise _unexpected(value, event)
+
+
+def _answered(value: JobValue, event: Answered, rules: Rules) -> Step:
+    """The rows of a 200 answer to the PUT: ready, failed, or poll again (or time out)."""
+    polls = value.record.polls + (1 if value.answers else 0)
+    value = replace(
+        value,
+        answers=value.answers + 1,
+        last_status=event.status,
+        record=value.record.evolve(polls=polls),
+    )
+    kind = rules.vocabulary.classify(event.status, event.signed_url)
+    if kind is StatusKind.FAILED:
+        return _fail(
+            value,
+            Problem("package_failed", f"the API reports the package as {event.status[:64]!r}", 200),
+        )
+    if kind is StatusKind.READY:
+        refusal = url_refusal(event.signed_url, allow_http=rules.allow_http, what="signed URL")
+        if refusal:
+            return _fail(value, Problem("url_not_allowed", refusal))
+        ready = replace(
+            _move(value, _S.READY),
+            pending_seconds=value.pending_seconds + (event.now - value.cycle_started),
+        )
+        return ready, (AwaitDownloadSlot(),)
+    empty = value.empty_urls + 1 if kind is StatusKind.READY_WITHOUT_URL else 0
+    if empty >= MAX_EMPTY_URL_ANSWERS:
+        return _fail(
+            value,
+            Problem(
+                "ready_without_url",
+                f"status {event.status[:64]!r} came {MAX_EMPTY_URL_ANSWERS} times without a signed_url",
+                200,
+            ),
+        )
+    wait = next_poll_interval(
+        value.poll_wait, first=rules.poll_interval, maximum=rules.poll_max_interval, rng=rules.rng
+    )
+    preparing = replace(_move(value, _S.PREPARING), empty_urls=empty, poll_wait=wait)
+    if event.now + wait > value.deadline:
+        return preparing, (TimeOut(after=max(0.0, value.deadline - event.now)),)
+    return preparing, (SendPut(after=wait, deadline=value.deadline),)
+
+
+def _done(value: JobValue, *, size: int | None, sha256: str | None) -> Step:
+    done = _move(
+        value,
+        _S.DONE,
+        bytes=size,
+        sha256=sha256,
+        part_etag=None,
+        error_code=None,
+        error_message=None,
+        error_http_status=None,
+    )
+    return done, (Finish(Outcome.DOWNLOADED),)
+
+
+# ------------------------------------------------------------------------------- pure helpers
+
+
 def job_key(spec: ExportSpec) -> str:
     """Return the job key: sha256 hex of the canonical JSON of the job's identity (SPEC §4)."""
     identity = [spec.aoi_id, spec.insight_id, list(spec.inputs), list(spec.outputs), spec.relpath]
@@ -101,48 +730,6 @@ def job_key(spec: ExportSpec) -> str:
 def shard_of(key: str, shards: int) -> int:
     """Return the 0-based shard of a job key among ``shards``: ``int(key[:16], 16) % shards``."""
     return int(key[:16], 16) % shards
-
-
-class StatusKind(enum.Enum):
-    """What a 200 answer to the PUT means for the job."""
-
-    PENDING = "pending"
-    READY = "ready"
-    READY_WITHOUT_URL = "ready_without_url"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class StatusVocabulary:
-    """Which ``status`` strings mean ready and which mean failed; all others are pending."""
-
-    ready: frozenset[str] = DEFAULT_READY_STATUSES
-    failed: frozenset[str] = DEFAULT_FAILED_STATUSES
-
-    @classmethod
-    def from_lists(
-        cls, ready: Iterable[str] | None, failed: Iterable[str] | None
-    ) -> StatusVocabulary:
-        """Build a vocabulary, falling back to the defaults where a list is ``None``."""
-        return cls(
-            ready=frozenset(s.lower() for s in ready)
-            if ready is not None
-            else DEFAULT_READY_STATUSES,
-            failed=(
-                frozenset(s.lower() for s in failed)
-                if failed is not None
-                else DEFAULT_FAILED_STATUSES
-            ),
-        )
-
-    def classify(self, status: str, signed_url: str) -> StatusKind:
-        """Classify a ``status`` (case-insensitive) and whether ``signed_url`` is usable."""
-        folded = status.strip().lower()
-        if folded in self.failed:
-            return StatusKind.FAILED
-        if folded in self.ready:
-            return StatusKind.READY if signed_url.strip() else StatusKind.READY_WITHOUT_URL
-        return StatusKind.PENDING
 
 
 def next_poll_interval(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
-from batch_export.runner import Outcome, RunResult
+from batch_export.types import Outcome, RunResult
 
 __all__ = ["write_metrics"]
 

@@ -1,6 +1,6 @@
 """Subscribers to job events: a log line per outcome, and a live progress display on a terminal.
 
-Both implement :class:`batch_export.runner.RunObserver`; :class:`FanOut` hands every event to several.
+Both implement :class:`batch_export.types.RunObserver`; :class:`FanOut` hands every event to several.
 The display is drawn by :mod:`rich` on stderr; log lines print above it (through
 :func:`batch_export.logs.set_console`) so neither tears the other.
 """
@@ -26,10 +26,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from batch_export.lifecycle import JobState
 from batch_export.logs import set_console
 from batch_export.ratelimit import LimiterStats
-from batch_export.runner import Job, JobResult, Outcome, RunObserver
+from batch_export.types import Job, JobResult, JobState, Outcome, RunObserver
 
 __all__ = ["FanOut", "LogObserver", "ProgressDisplay", "job_fields"]
 

@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batch_export.clock import utc_timestamp
 from batch_export.redact import Redactor
-from batch_export.runner import JobResult, Outcome, RunResult
+from batch_export.types import JobResult, Outcome, RunResult
 
 __all__ = ["build_report", "new_run_id", "utc_timestamp", "write_report"]
 
@@ -24,11 +25,6 @@ def new_run_id(now: float | None = None) -> str:
     """Return a run id: UTC start time plus 6 random hex digits (``20261129T030000Z-1a2b3c``)."""
     stamp = datetime.fromtimestamp(now if now is not None else time.time(), UTC)
     return f"{stamp:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def utc_timestamp(epoch: float) -> str:
-    """Return ``epoch`` seconds as ``2026-11-29T03:00:00Z``."""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def build_report(

@@ -1,21 +1,28 @@
 """The async shell: runs every job of a manifest on a worker pool, under the shared rate limit.
 
-Data flow: jobs are admitted in manifest order; each job holds an *in-flight* slot while it is
-requested and polled, then a *download* slot while it streams (a polling job holds no download
-slot). Every state change goes through :func:`batch_export.lifecycle.advance` and is saved to the
-:class:`~batch_export.store.JobStore` before the next step. A failing job fails alone: its errors are
-caught inside its own task and never cancel the task group.
+The shell decides nothing about a job. For each job it feeds events to the job machine
+(:func:`batch_export.lifecycle.step`), saves the value the machine returns to the
+:class:`~batch_export.store.JobStore` before anything else happens, and then performs the actions
+the machine asked for, each of which ends in the next event::
+
+    event -> step -> save -> actions -> (I/O) -> event -> ...
+
+Resources are the shell's: a job holds an *in-flight* slot while it is requested and polled, then a
+*download* slot while it streams, verifies and uploads (a polling job holds no download slot).
+A failing job fails alone: its errors are caught inside its own task and never cancel the task group.
+
+Hooks for what builds on it: :meth:`Runner._make_downloader` (segmented downloads), the
+``uploader`` (object-store output; the machine's ``uploading`` rows), and per-job ``sources``
+(``"exports[3]"``, ``"discover[0]"``) that reach :class:`~batch_export.types.JobResult`.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
-import os
 import random
-import signal
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -23,179 +30,136 @@ import anyio
 
 from batch_export.api import API_CONNECTIONS, PackageStatus, PixxelClient
 from batch_export.clock import Clock, SystemClock
-from batch_export.download import Downloader, commit_part, discard_part, part_path, verify_package
+from batch_export.download import (
+    Downloader,
+    Transfer,
+    commit_part,
+    discard_part,
+    part_path,
+    verify_package,
+)
 from batch_export.errors import (
-    ApiError,
+    IllegalTransition,
     JobError,
     LocalIOError,
-    PollTimeout,
     UrlRejected,
     VerificationError,
 )
-from batch_export.http import open_sessions
+from batch_export.http import HttpSession, open_sessions
 from batch_export.lifecycle import (
-    MAX_EMPTY_URL_ANSWERS,
-    MAX_URL_REFRESHES,
-    UNFINISHED,
-    JobState,
-    StatusKind,
-    StatusVocabulary,
-    advance,
+    Aborted,
+    Action,
+    Admitted,
+    Answered,
+    AwaitDownloadSlot,
+    AwaitRequestSlot,
+    BytesEnded,
+    DiscardPart,
+    Download,
+    DownloadSlotFree,
+    Event,
+    Finish,
+    Inform,
+    JobValue,
+    Loaded,
+    LocalFailed,
+    PollDeadline,
+    RequestFailed,
+    RequestSlotFree,
+    Rules,
+    SendPut,
+    Skip,
+    StopDownloads,
+    StorageRefused,
+    TimeOut,
+    TransferFailed,
+    TransferStarted,
+    Upload,
+    Uploaded,
+    UploadFailed,
+    Verified,
+    Verify,
+    VerifyFailed,
     is_url_expired,
     job_key,
-    next_poll_interval,
+    step,
     url_expiry,
 )
 from batch_export.manifest import ExportSpec
 from batch_export.ratelimit import RateLimiter
 from batch_export.redact import Redactor
-from batch_export.store import JobRecord, JobStore
-from batch_export.urls import url_refusal
+from batch_export.store import JobStore
+from batch_export.types import (
+    Job,
+    JobRecord,
+    JobResult,
+    JobState,
+    Outcome,
+    Problem,
+    RunObserver,
+    RunResult,
+    Settings,
+)
 
-__all__ = ["Job", "JobResult", "Outcome", "RunObserver", "RunResult", "Runner", "Settings"]
+__all__ = [
+    "Job",
+    "JobResult",
+    "Outcome",
+    "RunObserver",
+    "RunResult",
+    "Runner",
+    "Settings",
+    "Uploader",
+]
 
 log = logging.getLogger("batch_export")
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything a run needs besides the manifest's exports. Durations in seconds.
+class Uploader(Protocol):
+    """Uploads a staged, verified package to the object store (SPEC §8)."""
 
-    Attributes:
-        api_url: API base URL, no trailing slash.
-        out_dir: output root; packages go to ``out_dir / spec.relpath``.
-        state_dir: state store, lock and reports.
-        in_flight: jobs being requested/polled at once.
-        downloads: simultaneous downloads.
-        rate: API requests/s for all jobs together, polls included.
-        poll_interval, poll_max_interval: first and largest wait between polls.
-        poll_timeout: a job pending longer than this fails (``poll_timeout``).
-        retries: per request, for 5xx/network errors (429s do not count).
-        read_timeout: seconds without a byte before a response counts as broken.
-        vocabulary: which statuses mean ready and failed.
-        allow_http: allow plain http to non-loopback hosts.
-        force: redo jobs already done.
-        backoff_base, backoff_cap: retry backoff (full jitter) parameters.
-    """
+    async def upload(self, job: Job, staged: Path) -> None:
+        """Upload ``staged`` as ``job``'s object; return once the store confirmed it.
 
-    api_url: str
-    out_dir: Path
-    state_dir: Path
-    in_flight: int = 32
-    downloads: int = 4
-    rate: float = 2.0
-    poll_interval: float = 5.0
-    poll_max_interval: float = 60.0
-    poll_timeout: float = 7200.0
-    retries: int = 6
-    read_timeout: float = 60.0
-    vocabulary: StatusVocabulary = field(default_factory=StatusVocabulary)
-    allow_http: bool = False
-    force: bool = False
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
-
-
-class Outcome(enum.StrEnum):
-    """How a job ended in this run (report ``outcome``)."""
-
-    DOWNLOADED = "downloaded"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-    PENDING = "pending"
-
-
-@dataclass(slots=True)
-class Job:
-    """A job during a run: its spec, where it goes, and its current record."""
-
-    spec: ExportSpec
-    final: Path
-    record: JobRecord
-    started: float | None = None
-    seconds: float = 0.0
-    bytes_done: int = 0
-    bytes_total: int | None = None  # size of the package being downloaded, when announced
-    outcome: Outcome = Outcome.PENDING
-    recovering: bool = False  # left unfinished by a crashed run
-    verify_failures: int = 0  # packages that failed verification in this run
-    pending_seconds: float = 0.0  # time spent requesting/polling in this run (poll_timeout)
-
-    @property
-    def key(self) -> str:
-        """The job key."""
-        return self.record.key
-
-
-@dataclass(frozen=True, slots=True)
-class JobResult:
-    """One line of the run report (SPEC §5)."""
-
-    key: str
-    aoi_id: str
-    insight_id: str
-    name: str
-    outcome: Outcome
-    path: str
-    bytes: int | None
-    sha256: str | None
-    attempts: int
-    polls: int
-    seconds: float
-    error_code: str | None = None
-    error_message: str | None = None
-    error_http_status: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """The end of a run: per-job results and request counts."""
-
-    jobs: tuple[JobResult, ...]
-    api_requests: int
-    storage_requests: int
-    throttled: int
-    wall_seconds: float
-    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "max_runtime" or None
-    api_by_status: dict[int, int] = field(default_factory=dict)  # HTTP status (0: network) -> count
-
-    def count(self, outcome: Outcome) -> int:
-        """Number of jobs with ``outcome``."""
-        return sum(1 for job in self.jobs if job.outcome is outcome)
-
-    @property
-    def exit_code(self) -> int:
-        """The exit code (SPEC §2).
-
-        130/143 on a signal, 3 when stopped by the time budget with jobs left, 1 when a job failed
-        (or was left pending), 0 when every job is done.
+        Raises:
+            JobError: the upload failed (the job fails with its code).
         """
-        pending = any(job.outcome is Outcome.PENDING for job in self.jobs)
-        if self.stopped_by == "SIGINT":
-            return 130
-        if self.stopped_by == "SIGTERM":
-            return 143
-        if self.stopped_by == "max_runtime" and pending:
-            return 3
-        ok = {Outcome.DOWNLOADED, Outcome.SKIPPED}
-        return 0 if all(job.outcome in ok for job in self.jobs) else 1
-
-
-class RunObserver(Protocol):
-    """Receives progress of a run (logs, progress display). Must not block."""
-
-    def job_state(self, job: Job) -> None:
-        """``job.record.state`` just changed (already saved)."""
-
-    def job_bytes(self, job: Job, count: int) -> None:
-        """``count`` more bytes of ``job`` were written."""
-
-    def job_finished(self, result: JobResult) -> None:
-        """A job reached its outcome for this run."""
+        ...
 
 
 class _Stop(Exception):
     """Downloads were stopped (local disk failure): leave the job pending."""
+
+
+@dataclass(slots=True)
+class _Context:
+    """What the shell keeps about a job between actions: facts for I/O, never for decisions."""
+
+    part: Path
+    package: PackageStatus | None = None
+    expiry: tuple[float, float] | None = None
+    transfer: Transfer | None = None
+
+
+class _Slots:
+    """The one slot a job holds at a time: in-flight (requesting, polling) or download."""
+
+    def __init__(self) -> None:
+        self.held: anyio.Semaphore | None = None
+
+    async def take(self, slot: anyio.Semaphore) -> bool:
+        """Hold ``slot`` (releasing the other one); True if it had to be acquired."""
+        if self.held is slot:
+            return False
+        self.release()
+        await slot.acquire()
+        self.held = slot
+        return True
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.release()
+            self.held = None
 
 
 class Runner:
@@ -207,11 +171,12 @@ class Runner:
         api_key: the raw API key (never logged; only sent to the API origin).
         store: where job records are saved.
         observer: progress receiver.
+        redactor: scrubs secrets from every message before it reaches the store or a log.
         clock: time source (tests inject one).
         rng: randomness for jitter (tests seed one).
         max_runtime: seconds after which the run stops taking work and checkpoints (exit 3).
-        handle_signals: turn SIGINT/SIGTERM into a checkpointed stop (exit 130/143); a second
-            signal exits at once.
+        sources: per spec, where it came from (``"exports[3]"``); default ``exports[i]``.
+        uploader: uploads verified packages (object-store output); None: local output.
     """
 
     def __init__(
@@ -226,23 +191,38 @@ class Runner:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         max_runtime: float | None = None,
-        handle_signals: bool = False,
+        sources: Sequence[str] | None = None,
+        uploader: Uploader | None = None,
     ) -> None:
         self.settings = settings
         self.specs = list(specs)
+        self.sources = (
+            list(sources)
+            if sources is not None
+            else [f"exports[{n}]" for n in range(len(self.specs))]
+        )
         self._key = api_key
         self._store = store
         self._observer = _Guarded(observer)
         self._redact = redactor or Redactor([api_key])
         self._clock = clock or SystemClock()
         self._rng = rng or random.Random()
+        self._uploader = uploader
+        self._rules = Rules(
+            poll_interval=settings.poll_interval,
+            poll_max_interval=settings.poll_max_interval,
+            poll_timeout=settings.poll_timeout,
+            vocabulary=settings.vocabulary,
+            allow_http=settings.allow_http,
+            object_store=uploader is not None,
+            rng=self._rng,
+        )
         self._limiter = RateLimiter(settings.rate, clock=self._clock)
         self._in_flight = anyio.Semaphore(settings.in_flight)
         self._download_slots = anyio.Semaphore(settings.downloads)
         self._stop_downloads = False
-        self._refreshes: dict[str, int] = {}
+        self._values: dict[str, JobValue] = {}
         self._max_runtime = max_runtime
-        self._handle_signals = handle_signals
         self._jobs_scope: anyio.CancelScope | None = None  # made inside the event loop
         self.stopped_by: str | None = None
         self.jobs: list[Job] = []
@@ -275,22 +255,11 @@ class Runner:
                 redactor=self._redact,
                 connections=min(self.settings.in_flight, API_CONNECTIONS),
             )
-            self._downloader = Downloader(
-                storage_session,
-                clock=self._clock,
-                retries=self.settings.retries,
-                read_timeout=self.settings.read_timeout,
-                allow_http=self.settings.allow_http,
-                backoff_base=self.settings.backoff_base,
-                backoff_cap=self.settings.backoff_cap,
-                rng=self._rng,
-            )
+            self._downloader = self._make_downloader(storage_session)
             await self._prepare_jobs()
             async with anyio.create_task_group() as watchers:
                 if self._max_runtime is not None:
                     watchers.start_soon(self._stop_at, started + self._max_runtime)
-                if self._handle_signals:
-                    watchers.start_soon(self._watch_signals)
                 await self._run_all()
                 watchers.cancel_scope.cancel()
         return RunResult(
@@ -301,6 +270,19 @@ class Runner:
             wall_seconds=self._clock.monotonic() - started,
             stopped_by=self.stopped_by,
             api_by_status=dict(self._client.stats.by_status or {}),
+        )
+
+    def _make_downloader(self, session: HttpSession) -> Downloader:
+        """The storage side: one :class:`Downloader` for every job of the run."""
+        return Downloader(
+            session,
+            clock=self._clock,
+            retries=self.settings.retries,
+            read_timeout=self.settings.read_timeout,
+            allow_http=self.settings.allow_http,
+            backoff_base=self.settings.backoff_base,
+            backoff_cap=self.settings.backoff_cap,
+            rng=self._rng,
         )
 
     async def _run_all(self) -> None:
@@ -321,7 +303,8 @@ class Runner:
         """Stop: admit no new job and cancel the running ones at their current step.
 
         Every transition is already saved and ``.part`` files are kept, so the next run resumes.
-        ``reason`` is ``"SIGINT"``, ``"SIGTERM"`` or ``"max_runtime"`` (the first one wins).
+        ``reason`` is ``"SIGINT"``, ``"SIGTERM"``, ``"SIGHUP"`` or ``"max_runtime"`` (the first one
+        wins, except that a signal outranks the time budget).
         """
         if self.stopped_by is None or (
             self.stopped_by == "max_runtime" and reason != "max_runtime"
@@ -339,22 +322,19 @@ class Runner:
         await self._clock.sleep(max(0.0, deadline - self._clock.monotonic()))
         self.request_stop("max_runtime")
 
-    async def _watch_signals(self) -> None:
-        names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
-        with anyio.open_signal_receiver(*names) as signals:
-            async for signum in signals:
-                if self.stopped_by in names.values():
-                    log.error("second %s: exiting now", names[signum])
-                    os._exit(128 + signum)
-                self.request_stop(names[signum])
-
     # ----------------------------------------------------------------- set-up
 
     async def _prepare_jobs(self) -> None:
-        """Load or create each job's record and decide what this run must do with it."""
+        """Load or create each job's record and let the machine decide what this run does with it.
+
+        A failed/done job re-queued here is kept in memory only: a crash before its next (saved)
+        step leaves it failed/done, which the next run re-queues the same way. Saving 100,000 of
+        these one by one would cost minutes.
+        """
         keys = [job_key(spec) for spec in self.specs]
         stored = await self._store.load_many(keys)
-        for spec, key in zip(self.specs, keys, strict=True):
+        force = self.settings.force
+        for spec, key, source in zip(self.specs, keys, self.sources, strict=True):
             final = self.settings.out_dir / spec.relpath
             record = stored.get(key) or JobRecord(
                 key=key,
@@ -363,216 +343,198 @@ class Runner:
                 name=spec.name,
                 relpath=spec.relpath,
             )
-            job = Job(spec=spec, final=final, record=record)
+            job = Job(spec=spec, final=final, record=record, source=source)
             self.jobs.append(job)
-            if record.state is JobState.DONE and not self.settings.force and _intact(job):
+            intact = record.state is JobState.DONE and not force and _intact(job)
+            value, actions = step(JobValue(record), Loaded(intact, force), self._rules)
+            self._values[key] = value
+            if Skip() in actions:
                 job.outcome = Outcome.SKIPPED
                 self._observer.job_finished(self._result(job))
-            elif record.state in UNFINISHED:
-                # Left by a crashed run: recovery (not a lifecycle step) sends it to requesting.
-                job.recovering = True
-            elif record.state is not JobState.QUEUED:
-                # failed/done -> queued is kept in memory only: a crash before the job's next
-                # (saved) step leaves it failed/done, which the next run re-queues the same way.
-                # Saving 100,000 of these one by one would cost minutes.
-                await self._set(job, JobState.QUEUED, save=False)
+            elif value.record is not record:
+                job.record = value.record
+                self._observer.job_state(job)
 
     # ----------------------------------------------------------------- one job
 
     async def _run_job(self, job: Job, admission: anyio.Semaphore) -> None:
         job.started = self._clock.monotonic()
         try:
-            await self._drive(job)
-            job.outcome = Outcome.DOWNLOADED
+            job.outcome = await self._drive(job)
         except _Stop:
             job.outcome = Outcome.PENDING
         except JobError as exc:
-            await self._fail(job, exc)
+            await self._abort(job, self._problem(exc))
         except Exception as exc:  # a bug: this job fails, the run goes on
             log.error(
                 "internal error in job %s: %s",
                 job.key[:12],
                 self._redact(f"{type(exc).__name__}: {exc}"),
             )
-            await self._fail(job, JobError("internal error (a bug)", code="internal_error"))
+            await self._abort(job, Problem("internal_error", "internal error (a bug)"))
         finally:
             job.seconds = self._clock.monotonic() - job.started
             admission.release()
             self._observer.job_finished(self._result(job))
 
-    async def _drive(self, job: Job) -> None:
-        while True:
-            if self._stop_downloads:
-                raise _Stop()
-            async with self._in_flight:
-                package = await self._request_until_ready(job)
-            async with self._download_slots:
+    async def _drive(self, job: Job) -> Outcome:
+        """Feed the job's events to the machine and perform its actions, until an outcome."""
+        context = _Context(part=part_path(job.final))
+        slots = _Slots()
+        try:
+            actions = deque(await self._step(job, Admitted()))
+            while actions:
+                action = actions.popleft()
+                if isinstance(action, Finish):
+                    return action.outcome
+                event = await self._perform(job, action, context, slots)
+                if event is not None:
+                    actions.extend(await self._step(job, event))
+            raise IllegalTransition(f"the machine left job {job.key[:12]} without an outcome")
+        finally:
+            slots.release()
+
+    async def _step(self, job: Job, event: Event) -> tuple[Action, ...]:
+        """One machine step; a changed record is redacted, saved, then announced."""
+        before = self._values[job.key]
+        value, actions = step(before, event, self._rules)
+        if value.record is not before.record:
+            message = value.record.error_message
+            if message is not None and message != before.record.error_message:
+                redacted = self._redact(message)
+                if redacted != message:
+                    value = replace(value, record=value.record.evolve(error_message=redacted))
+            self._values[job.key] = value
+            job.record = value.record
+            await self._store.save(value.record)
+            self._observer.job_state(job)
+        else:
+            self._values[job.key] = value
+        return actions
+
+    async def _perform(
+        self, job: Job, action: Action, context: _Context, slots: _Slots
+    ) -> Event | None:
+        """Carry out one action; return the event it ended in (None: nothing to report)."""
+        match action:
+            case AwaitRequestSlot():
+                slots.release()
                 if self._stop_downloads:
                     raise _Stop()
-                if await self._download(job, package):
-                    return
+                await slots.take(self._in_flight)
+                return RequestSlotFree(now=self._clock.monotonic())
+            case SendPut(after=after, deadline=deadline):
+                if after > 0:
+                    await self._clock.sleep(after)
+                    if self._stop_downloads:  # nothing could be downloaded: stop polling
+                        raise _Stop()
+                return await self._send_put(job, context, deadline)
+            case TimeOut(after=after):
+                await self._clock.sleep(after)
+                return PollDeadline()
+            case AwaitDownloadSlot():
+                if await slots.take(self._download_slots) and self._stop_downloads:
+                    raise _Stop()
+                return DownloadSlotFree(url_expired=self._url_expired(context))
+            case Download(etag=etag):
+                return await self._download(job, context, etag)
+            case Verify():
+                return await self._verify(job, context)
+            case Upload():
+                await slots.take(self._download_slots)
+                return await self._upload(job, context)
+            case DiscardPart():
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_discard_quietly, context.part)
+                return None
+            case StopDownloads():
+                self._stop_downloads = True
+                return None
+            case Inform(message=message, event=name, code=code):
+                extra = {"event": name, "key": job.key, "error_code": code} if name else None
+                log.info("job %s: %s", job.key[:12], message, extra=extra)
+                return None
+            case Skip() | Finish():
+                raise IllegalTransition(f"{type(action).__name__} cannot be performed")
 
-    async def _request_until_ready(self, job: Job) -> PackageStatus:
-        """``requesting`` -> (``preparing`` …) -> ``ready``; returns the ready answer."""
-        await self._set(job, JobState.REQUESTING, attempts=job.record.attempts + 1)
-        started = self._clock.monotonic()
+    # ----------------------------------------------------------------- actions
+
+    async def _send_put(self, job: Job, context: _Context, deadline: float) -> Event:
         try:
-            return await self._poll_until_ready(job, started)
-        finally:
-            job.pending_seconds += self._clock.monotonic() - started
-
-    async def _poll_until_ready(self, job: Job, started: float) -> PackageStatus:
-        # poll_timeout bounds the job's pending time over all its request cycles in this run
-        # (a refresh after a long download does not start a new budget, nor fail for it).
-        deadline = started + max(0.0, self.settings.poll_timeout - job.pending_seconds)
-        interval: float | None = None
-        empty_url_answers = 0
-        first = True
-        while True:
             package = await self._client.request_package(
                 job.spec, deadline=deadline, job_key=job.key
             )
-            if not first:
-                job.record = job.record.evolve(polls=job.record.polls + 1)
-            first = False
-            kind = self.settings.vocabulary.classify(package.status, package.signed_url)
-            if kind is StatusKind.FAILED:
-                raise ApiError(
-                    f"the API reports the package as {package.status[:64]!r}",
-                    code="package_failed",
-                    http_status=200,
-                )
-            if kind is StatusKind.READY:
-                refusal = url_refusal(
-                    package.signed_url, allow_http=self.settings.allow_http, what="signed URL"
-                )
-                if refusal:
-                    raise JobError(refusal, code="url_not_allowed")
-                await self._set(job, JobState.READY)
-                return package
-            empty_url_answers = empty_url_answers + 1 if kind is StatusKind.READY_WITHOUT_URL else 0
-            if empty_url_answers >= MAX_EMPTY_URL_ANSWERS:
-                raise ApiError(
-                    f"status {package.status[:64]!r} came {MAX_EMPTY_URL_ANSWERS} times without a signed_url",
-                    code="ready_without_url",
-                    http_status=200,
-                )
-            await self._set(job, JobState.PREPARING)
-            interval = next_poll_interval(
-                interval,
-                first=self.settings.poll_interval,
-                maximum=self.settings.poll_max_interval,
-                rng=self._rng,
-            )
-            if self._clock.monotonic() + interval > deadline:
-                await self._clock.sleep(max(0.0, deadline - self._clock.monotonic()))
-                raise PollTimeout(
-                    f"package still {package.status[:64]!r} after poll_timeout "
-                    f"({self.settings.poll_timeout:g} s)",
-                    http_status=200,
-                )
-            await self._clock.sleep(interval)
-            if self._stop_downloads:  # nothing could be downloaded: stop polling
-                raise _Stop()
+        except JobError as exc:
+            return RequestFailed(self._problem(exc))
+        context.package = package
+        context.expiry = url_expiry(package.signed_url, received_at=package.server_time)
+        return Answered(package.status, package.signed_url, now=self._clock.monotonic())
 
-    async def _download(self, job: Job, package: PackageStatus) -> bool:
-        """``ready`` -> ``downloading`` -> ``verifying`` -> ``done``.
+    def _url_expired(self, context: _Context) -> bool:
+        """The signed URL is known to be expired, judged on the server's clock (SPEC §4)."""
+        if context.package is None:
+            return False
+        server_now = self._clock.wall() + context.package.clock_offset
+        return is_url_expired(context.expiry, server_now=server_now)
 
-        A package that fails verification is discarded and downloaded once more from 0 with the
-        same URL (``verifying`` -> ``downloading``); a second failure fails the job.
-        Returns False when the job must go back to ``requesting`` for a fresh signed URL.
-        """
-        while True:
-            done = await self._download_once(job, package)
-            if done is not None:
-                return done
-
-    async def _download_once(self, job: Job, package: PackageStatus) -> bool | None:
-        """One transfer + verification; None means "verification failed once: go again"."""
-        expiry = url_expiry(package.signed_url, received_at=package.server_time)
-
-        def expired() -> bool:
-            server_now = self._clock.wall() + package.clock_offset
-            return is_url_expired(expiry, server_now=server_now)
-
-        if expired() and self._refresh_allowed(job):
-            self._refreshes[job.key] = self._refreshes.get(job.key, 0) + 1
-            return False  # ready -> requesting, done by the next request cycle
-        part = part_path(job.final)
-        if job.record.state is not JobState.DOWNLOADING:
-            await self._set(job, JobState.DOWNLOADING)
-        await anyio.to_thread.run_sync(self._check_inside_out_dir, job.final)
+    async def _download(self, job: Job, context: _Context, etag: str | None) -> Event:
+        try:
+            await anyio.to_thread.run_sync(self._check_inside_out_dir, job.final)
+        except LocalIOError as exc:
+            return LocalFailed(self._problem(exc), during="path")
+        assert context.package is not None  # a download follows a ready answer
 
         async def on_attempt(offset: int, etag: str | None, total: int | None) -> None:
             job.bytes_done = offset
             job.bytes_total = total
-            await self._set(job, JobState.DOWNLOADING, part_etag=etag)
+            await self._step(job, TransferStarted(etag))
 
         def on_bytes(count: int) -> None:
             job.bytes_done += count
             self._observer.job_bytes(job, count)
 
         try:
-            transfer = await self._downloader.transfer(
-                package.signed_url,
-                part,
-                etag=job.record.part_etag,
+            context.transfer = await self._downloader.transfer(
+                context.package.signed_url,
+                context.part,
+                etag=etag,
                 job_key=job.key,
-                url_expired=expired,
+                url_expired=lambda: self._url_expired(context),
                 on_attempt=on_attempt,
                 on_bytes=on_bytes,
             )
         except UrlRejected as exc:
-            if not self._refresh_allowed(job):
-                raise
-            log.info(
-                "job %s: %s; fetching a fresh signed URL", job.key[:12], self._redact(exc.message)
-            )
-            self._refreshes[job.key] = self._refreshes.get(job.key, 0) + 1
-            return False  # downloading -> requesting, done by the next request cycle
-        except LocalIOError:
-            self._stop_downloads = True
-            await anyio.to_thread.run_sync(discard_part, part)
-            raise
-        await self._set(job, JobState.VERIFYING)
+            return StorageRefused(self._problem(exc))
+        except LocalIOError as exc:
+            return LocalFailed(self._problem(exc), during="transfer")
+        except JobError as exc:
+            return TransferFailed(self._problem(exc))
+        return BytesEnded()
+
+    async def _verify(self, job: Job, context: _Context) -> Event:
+        transfer = context.transfer
+        assert transfer is not None  # verification follows the transfer
         try:
-            await anyio.to_thread.run_sync(verify_package, part, transfer)
-            await anyio.to_thread.run_sync(commit_part, part, job.final)
+            await anyio.to_thread.run_sync(verify_package, context.part, transfer)
+            await anyio.to_thread.run_sync(commit_part, context.part, job.final)
         except VerificationError as exc:
-            await anyio.to_thread.run_sync(discard_part, part)
-            job.verify_failures += 1
-            if job.verify_failures >= 2:
-                raise
-            log.info(
-                "job %s: %s; downloading it again from 0",
-                job.key[:12],
-                exc.message,
-                extra={"event": "verify_retry", "key": job.key, "error_code": exc.code},
-            )
-            await self._set(job, JobState.DOWNLOADING, part_etag=None)
-            return None
-        except (LocalIOError, OSError) as exc:
-            # The disk failed us after the bytes arrived: same policy as during the transfer.
-            self._stop_downloads = True
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_discard_quietly, part)
-            if isinstance(exc, LocalIOError):
-                raise
-            raise LocalIOError(
-                f"cannot read back or commit the package: {exc.strerror or type(exc).__name__}",
-                code="local_io",
-            ) from None
-        await self._set(
-            job,
-            JobState.DONE,
-            bytes=transfer.size,
-            sha256=transfer.sha256,
-            part_etag=None,
-            error_code=None,
-            error_message=None,
-            error_http_status=None,
-        )
-        return True
+            return VerifyFailed(self._problem(exc))
+        except LocalIOError as exc:
+            return LocalFailed(self._problem(exc), during="verify")
+        except OSError as exc:  # the disk failed us after the bytes arrived
+            reason = exc.strerror or type(exc).__name__
+            problem = Problem("local_io", f"cannot read back or commit the package: {reason}")
+            return LocalFailed(problem, during="verify")
+        return Verified(size=transfer.size, sha256=transfer.sha256)
+
+    async def _upload(self, job: Job, context: _Context) -> Event:
+        if self._uploader is None:
+            raise IllegalTransition("an upload was asked for, but the output is local")
+        try:
+            await self._uploader.upload(job, job.final)
+        except JobError as exc:
+            return UploadFailed(self._problem(exc))
+        return Uploaded()
 
     def _check_inside_out_dir(self, final: Path) -> None:
         """Refuse a final path that a symlink inside the output dir would send elsewhere.
@@ -591,45 +553,28 @@ class Runner:
                 code="path_escape",
             )
 
-    def _refresh_allowed(self, job: Job) -> bool:
-        return self._refreshes.get(job.key, 0) < MAX_URL_REFRESHES
-
     # ----------------------------------------------------------------- helpers
 
-    async def _set(
-        self, job: Job, state: JobState, *, save: bool = True, **changes: object
-    ) -> None:
-        """Advance ``job`` to ``state`` (checked against the table), then save it."""
-        if job.recovering and state is JobState.REQUESTING:
-            job.recovering = False  # crash recovery: unfinished -> requesting, keep the .part
-        else:
-            advance(job.record.state, state)
-        job.record = job.record.evolve(state=state, **changes)
-        if save:
-            await self._store.save(job.record)
-        self._observer.job_state(job)
+    def _problem(self, exc: JobError) -> Problem:
+        """The report's view of ``exc``, redacted."""
+        return Problem(exc.code, self._redact(exc.message), exc.http_status)
 
-    async def _fail(self, job: Job, exc: JobError) -> None:
+    async def _abort(self, job: Job, problem: Problem) -> None:
+        """Fail ``job`` with an error that has no row of its own; a store failure is logged."""
         job.outcome = Outcome.FAILED
-        message = self._redact(exc.message)
         try:
-            if job.record.state in (JobState.QUEUED, JobState.READY):
-                await self._set(job, JobState.REQUESTING)
-            await self._set(
-                job,
-                JobState.FAILED,
-                error_code=exc.code,
-                error_message=message,
-                error_http_status=exc.http_status,
-            )
+            await self._step(job, Aborted(problem))
         except JobError as store_error:  # the state store itself failed: report, don't crash
             log.error("job %s: cannot record its failure: %s", job.key[:12], store_error.message)
             job.record = job.record.evolve(
-                error_code=exc.code, error_message=message, error_http_status=exc.http_status
+                error_code=problem.code,
+                error_message=problem.message,
+                error_http_status=problem.http_status,
             )
 
     def _result(self, job: Job) -> JobResult:
         record = job.record
+        failed = job.outcome is Outcome.FAILED
         return JobResult(
             key=record.key,
             aoi_id=record.aoi_id,
@@ -642,9 +587,10 @@ class Runner:
             attempts=record.attempts,
             polls=record.polls,
             seconds=round(job.seconds, 3),
-            error_code=record.error_code if job.outcome is Outcome.FAILED else None,
-            error_message=record.error_message if job.outcome is Outcome.FAILED else None,
-            error_http_status=record.error_http_status if job.outcome is Outcome.FAILED else None,
+            error_code=record.error_code if failed else None,
+            error_message=record.error_message if failed else None,
+            error_http_status=record.error_http_status if failed else None,
+            source=job.source,
         )
 
 
@@ -676,7 +622,7 @@ class _Guarded:
 def _discard_quietly(part: Path) -> None:
     try:
         discard_part(part)
-    except OSError:
+    except (LocalIOError, OSError):
         pass  # the disk is failing: the next run removes or resumes it
 
 

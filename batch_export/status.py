@@ -13,15 +13,13 @@ import anyio
 from rich.console import Console
 from rich.table import Table
 
+from batch_export.clock import utc_timestamp
 from batch_export.errors import UsageError
-from batch_export.lifecycle import JobState
 from batch_export.redact import escape_controls
-from batch_export.report import utc_timestamp
-from batch_export.store import JobRecord, RunInfo, SqliteStore
+from batch_export.store import RunInfo, SqliteStore
+from batch_export.types import STATE_FILE, JobRecord, JobState
 
 __all__ = ["read_status", "render_status"]
-
-STATE_FILE = "state.sqlite3"
 
 
 def read_status(state_dir: Path, *, runs: int = 5) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import operator
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol, TypedDict
@@ -26,45 +26,9 @@ import aiosqlite
 import anyio
 
 from batch_export.errors import LocalIOError, UsageError
-from batch_export.lifecycle import JobState
+from batch_export.types import STATE_FILE, JobRecord, JobState
 
 __all__ = ["SCHEMA_VERSION", "JobRecord", "JobStore", "MemoryStore", "RunInfo", "SqliteStore"]
-
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    """The durable facts about one job. Never holds a signed URL or the API key.
-
-    Attributes:
-        key: job key (sha256 hex, see :func:`batch_export.lifecycle.job_key`).
-        aoi_id, insight_id, name, relpath: identity, for status listings.
-        state: lifecycle state.
-        attempts: times the job entered ``requesting`` (all runs).
-        polls: PUTs after the first of each request cycle (all runs).
-        part_etag: ETag of the bytes in the ``.part``, for ``If-Range`` on resume.
-        bytes: size of the finished file (bytes), once done.
-        sha256: hex digest of the finished file, once done.
-        error_code, error_message, error_http_status: why it last failed.
-    """
-
-    key: str
-    aoi_id: str
-    insight_id: str
-    name: str
-    relpath: str
-    state: JobState = JobState.QUEUED
-    attempts: int = 0
-    polls: int = 0
-    part_etag: str | None = None
-    bytes: int | None = None
-    sha256: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    error_http_status: int | None = None
-
-    def evolve(self, **changes: object) -> JobRecord:
-        """Return a copy with ``changes`` applied."""
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 class RunInfo(TypedDict):
@@ -195,9 +159,6 @@ class MemoryStore:
 
 
 # --------------------------------------------------------------------------------------- SQLite
-
-#: The state file's name inside the state dir.
-STATE_FILE: Final = "state.sqlite3"
 
 #: Schema migrations, in order: migration ``i`` takes ``PRAGMA user_version`` from ``i`` to ``i + 1``.
 #: Each runs in one transaction. Never edit a released migration; append a new one. A field added to

@@ -48,3 +48,36 @@ def test_pure_core_imports_no_io(name: str) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & IO_MODULES, f"{name} imports {imported & IO_MODULES}"
+
+
+def _project_imports(name: str) -> set[str]:
+    """The batch_export modules ``name`` imports at run time (``if TYPE_CHECKING:`` left out)."""
+    tree = ast.parse(Path(importlib.import_module(name).__file__ or "").read_text())
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(child) for child in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("batch_export")
+        ):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("batch_export")}
+    return found
+
+
+def test_value_types_module_is_a_leaf() -> None:
+    assert _project_imports("batch_export.types") == set()
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_only_the_cli_and_api_layer_imports_the_runner(name: str) -> None:
+    if name in {"batch_export.runner", "batch_export.app", "batch_export.cli"}:
+        return
+    assert "batch_export.runner" not in _project_imports(name)

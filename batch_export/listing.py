@@ -14,7 +14,8 @@ totals). The paging rules are a pure state machine, :class:`AoiPager`: the listi
 ``offset >= pagination.total`` or a page comes back empty; a page that repeats an AOI already seen
 (``paging_repeat``), a ``total`` that changes between pages (``paging_total_changed``) or more than
 :data:`MAX_PAGES` pages (``paging_runaway``) end it with an error, keeping the AOIs of the pages
-already read. A body that is not the documented shape is ``bad_listing``.
+already read. A body that is not the documented shape is retried like a 5xx and then fails with
+``bad_response``, as a PUT's would.
 
 Every failure becomes a :class:`ListingError` in the result — of the selector's paging (its AOI
 list) or of one AOI's insight listing — never an exception: the run goes ahead with the rest.
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from batch_export.api import ApiAnswer, PixxelClient
 from batch_export.errors import JobError
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "ListingError",
     "PagingError",
     "SelectorListing",
+    "api_fetch",
     "check_aoi_page",
     "check_insights",
     "list_selectors",
@@ -68,6 +71,27 @@ class Fetch(Protocol):
     ) -> Awaitable[Any]:
         """Send ``GET path?params`` (path already percent-encoded) and return the document."""
         ...
+
+
+def api_fetch(client: PixxelClient, *, deadline: float) -> Fetch:
+    """The :class:`Fetch` of a run: ``client.request_json("GET", …)`` until ``deadline``.
+
+    Args:
+        client: The run's API client (its limiter, retries, redaction and request counts).
+        deadline: Monotonic time (seconds) after which no turn is waited for (429 pauses and the
+            rate limit included); a request still waiting then fails with ``poll_timeout``.
+    """
+
+    async def fetch(path: str, params: Mapping[str, str], validate: Callable[[Any], None]) -> Any:
+        def check(answer: ApiAnswer) -> None:
+            validate(answer.doc)
+
+        answer = await client.request_json(
+            "GET", path, params=params or None, deadline=deadline, validate=check
+        )
+        return answer.doc
+
+    return fetch
 
 
 class AoiQuery(Protocol):

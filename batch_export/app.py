@@ -293,6 +293,11 @@ def plan_lines(
         f"pending; at {rate:g} requests/s that takes at least {_human(jobs / rate)}, "
         f"{_human(2 * jobs / rate)} with one poll each"
     )
+    if manifest.discover:
+        lines.append(
+            f"{len(manifest.discover)} discover: selector(s), resolved from the API's listings at "
+            "run time (their jobs are not counted above; validate sends nothing)"
+        )
     return lines
 
 

@@ -1,6 +1,7 @@
 """Manifest: YAML text -> validated, frozen :class:`Manifest` of :class:`ExportSpec` (SPEC §3).
 
-Pure: reads the manifest file and nothing else; requests nothing. One module per concern:
+Pure: reads the manifest file and nothing else; requests nothing (``discover:`` selectors are only
+checked here; :mod:`batch_export.discovery` resolves them against listings). One module per concern:
 
 | module | concern |
 |---|---|
@@ -20,23 +21,33 @@ from __future__ import annotations
 
 from batch_export.manifest._keys import manifest_json_schema
 from batch_export.manifest._model import (
+    ALL,
+    DEFAULT_NAME_TEMPLATE,
     DEFAULT_PATH_TEMPLATE,
     MAX_ALIAS_EXPANSION,
+    OBJECT_STORE_SCHEMES,
     STATE_DIR_NAME,
     ApiSettings,
+    AssetChoice,
+    DiscoverSelector,
     ExportSpec,
     LimitSettings,
     Manifest,
     OutputSettings,
 )
-from batch_export.manifest._paths import render_relpath, sanitize_path_value
+from batch_export.manifest._paths import render_name, render_relpath, sanitize_path_value
 from batch_export.manifest._validate import load_manifest, parse_manifest
 
 __all__ = [
+    "ALL",
+    "DEFAULT_NAME_TEMPLATE",
     "DEFAULT_PATH_TEMPLATE",
     "MAX_ALIAS_EXPANSION",
+    "OBJECT_STORE_SCHEMES",
     "STATE_DIR_NAME",
     "ApiSettings",
+    "AssetChoice",
+    "DiscoverSelector",
     "ExportSpec",
     "LimitSettings",
     "Manifest",
@@ -44,6 +55,7 @@ __all__ = [
     "load_manifest",
     "manifest_json_schema",
     "parse_manifest",
+    "render_name",
     "render_relpath",
     "sanitize_path_value",
 ]

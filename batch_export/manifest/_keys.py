@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from batch_export.manifest._model import DEFAULT_PATH_TEMPLATE
+from batch_export.manifest._model import ALL, DEFAULT_NAME_TEMPLATE, DEFAULT_PATH_TEMPLATE
 
 __all__ = ["manifest_json_schema"]
 
@@ -23,7 +23,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class _Kind(enum.Enum):
     VERSION = "version"  # the integer 1
     SECTION = "section"  # a mapping of its own keys (_Field.keys)
-    EXPORTS = "exports"  # a non-empty list of mappings of _Field.keys
+    EXPORTS = "exports"  # a list of mappings of _Field.keys (it or DISCOVER non-empty)
     ID = "id"  # a non-empty string
     ASSETS = "assets"  # a list of non-empty strings (may be empty), deduplicated
     STATUSES = "statuses"  # a non-empty list of non-empty strings, lower-cased
@@ -34,6 +34,14 @@ class _Kind(enum.Enum):
     INT = "int"  # a decimal integer in [minimum, maximum]
     RATE = "rate"  # a decimal number > 0
     DURATION = "duration"  # a number of seconds or a duration string, > 0
+    SIZE = "size"  # bytes: an integer or a size string such as 32MiB, in [minimum, maximum]
+    OUT_DIR = "out_dir"  # a PATH, or an object-store URL s3://bucket/prefix (gs://, az://)
+    DISCOVER = "discover"  # a list of mappings of _Field.keys (may be empty)
+    AOIS = "aois"  # a non-empty list of AOI ids, or the plain word all
+    IDS = "ids"  # a non-empty list of non-empty strings, deduplicated
+    TIME_OR_AGE = "time_or_age"  # an RFC 3339 time (a quoted string) or an age such as 30d
+    ASSETS_OR_ALL = "assets_or_all"  # an ASSETS list, or the plain word all
+    NAME_TEMPLATE = "name_template"  # a selector's name template
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,16 +114,42 @@ _LIMITS: Final[Mapping[str, _Field]] = {
     "read_timeout": _Field(
         _Kind.DURATION, "No bytes for this long on a response is a retryable error."
     ),
+    "connections": _Field(
+        _Kind.INT,
+        "Parallel range connections per download (1: a single stream).",
+        minimum=1,
+        maximum=256,
+        default=8,
+    ),
+    "segment_min": _Field(
+        _Kind.SIZE,
+        "Packages larger than this are fetched over several connections: bytes as an integer, or "
+        "a size such as 32MiB, 1GiB, 500MB.",
+        minimum=1,
+        maximum=2**40,
+        default="32MiB",
+    ),
+    "give_up_after": _Field(
+        _Kind.INT,
+        "A job failing with the same non-retryable code in this many consecutive runs is "
+        "abandoned.",
+        minimum=1,
+        maximum=1000,
+        default=3,
+    ),
 }
 
 _OUTPUT: Final[Mapping[str, _Field]] = {
     "dir": _Field(
-        _Kind.PATH,
-        "Output root; relative to the manifest's folder. Default: exports/ beside the manifest.",
+        _Kind.OUT_DIR,
+        "Output root: a folder relative to the manifest's folder, or an object-store URL "
+        "(s3://bucket/prefix, gs://bucket/prefix, az://container/prefix). Default: exports/ beside "
+        "the manifest.",
     ),
     "path": _Field(
         _Kind.TEMPLATE,
-        "Output path template relative to dir; fields {aoi_id} {insight_id} {name}, nothing else.",
+        "Output path template relative to dir; fields {aoi_id} {insight_id} {name} {insight_name} "
+        "{created_date}, nothing else ({created_date} only without explicit exports).",
         default=DEFAULT_PATH_TEMPLATE,
     ),
 }
@@ -139,6 +173,43 @@ _EXPORT: Final[Mapping[str, _Field]] = {
     "name": _Field(_Kind.ID, "Name used in the output path; default: the insight_id."),
 }
 
+_SELECTOR: Final[Mapping[str, _Field]] = {
+    "aois": _Field(
+        _Kind.AOIS,
+        "AOI ids whose insights to list, or all (unquoted) for every AOI the key can list.",
+    ),
+    "projects": _Field(_Kind.IDS, "Project ids: every AOI of these projects."),
+    "status": _Field(
+        _Kind.STATUSES,
+        "Insight statuses to export (case-insensitive); default: the ready vocabulary.",
+    ),
+    "created_after": _Field(
+        _Kind.TIME_OR_AGE,
+        "Only insights created at or after this: an RFC 3339 time (quoted, with Z or an offset) or "
+        "an age such as 30d, 12h, 1w.",
+    ),
+    "name_glob": _Field(_Kind.ID, "Only insights whose name matches this fnmatch pattern."),
+    "inputs": _Field(
+        _Kind.ASSETS_OR_ALL,
+        "Input asset ids, or all for the names the listing gives; replaces defaults.inputs.",
+    ),
+    "outputs": _Field(
+        _Kind.ASSETS_OR_ALL,
+        "Output asset ids, or all for the names the listing gives; replaces defaults.outputs.",
+    ),
+    "name": _Field(
+        _Kind.NAME_TEMPLATE,
+        "Output name template; fields {aoi_id} {insight_id} {insight_name} {created_date}.",
+        default=DEFAULT_NAME_TEMPLATE,
+    ),
+}
+
+#: A selector has exactly one of these keys.
+_SELECTOR_ONE_OF: Final = ("aois", "projects")
+
+#: A manifest has at least one of these keys with at least one item.
+_JOBS_ANY_OF: Final = ("exports", "discover")
+
 _TOP: Final[Mapping[str, _Field]] = {
     "version": _Field(_Kind.VERSION, "Manifest format version: 1.", True),
     "api": _Field(_Kind.SECTION, "Where and how to reach the API.", keys=_API),
@@ -151,7 +222,16 @@ _TOP: Final[Mapping[str, _Field]] = {
         "Selections for entries that set none; an entry's own list replaces these.",
         keys=_DEFAULTS,
     ),
-    "exports": _Field(_Kind.EXPORTS, "The exports: at least one.", True, keys=_EXPORT),
+    "exports": _Field(
+        _Kind.EXPORTS,
+        "Explicit exports; this list or discover must have at least one item.",
+        keys=_EXPORT,
+    ),
+    "discover": _Field(
+        _Kind.DISCOVER,
+        "Selectors resolved at run time from the API's listings (SPEC section 7).",
+        keys=_SELECTOR,
+    ),
 }
 
 
@@ -163,6 +243,9 @@ def manifest_json_schema() -> dict[str, Any]:
     an entry selecting nothing); the schema is what editors need to complete and check keys.
     """
     top = _object_schema(_TOP)
+    top["anyOf"] = [
+        {"required": [name], "properties": {name: {"minItems": 1}}} for name in _JOBS_ANY_OF
+    ]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "batch-export manifest, version 1",
@@ -183,6 +266,7 @@ def manifest_json_schema() -> dict[str, Any]:
                     {"type": "string", "pattern": _DURATION_PATTERN},
                 ]
             },
+            "all": {"const": ALL, "description": "every item the listing gives"},
         },
     }
 
@@ -194,6 +278,32 @@ _DURATION_PATTERN: Final = (
     r"^(?:[0-9]+(?:\.[0-9]+)?|(?=[0-9])(?:[0-9]+(?:\.[0-9]+)?h)?(?:[0-9]+(?:\.[0-9]+)?m)?"
     r"(?:[0-9]+(?:\.[0-9]+)?s)?(?:[0-9]+(?:\.[0-9]+)?ms)?)$"
 )
+
+
+#: Sizes in bytes (SI and IEC units); the validator parses them with the same units.
+_SIZE_UNITS: Final = {
+    "B": 1,
+    "kB": 10**3,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+_SIZE_PATTERN: Final = r"^[0-9]+(?:\.[0-9]+)? ?(?:" + "|".join(_SIZE_UNITS) + ")$"
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?) ?(" + "|".join(_SIZE_UNITS) + ")")
+
+#: Ages for created_after: units in decreasing order, each at most once (w, d, h, m, s).
+_AGE_UNITS: Final = {"w": 604_800, "d": 86_400, "h": 3_600, "m": 60, "s": 1}
+_AGE_PATTERN: Final = (
+    "^(?=[0-9])" + "".join(rf"(?:[0-9]+(?:\.[0-9]+)?{unit})?" for unit in _AGE_UNITS) + "$"
+)
+_AGE = re.compile(_AGE_PATTERN[1:-1])
+_RFC3339_PATTERN: Final = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})$"
+_RFC3339 = re.compile(_RFC3339_PATTERN[1:-1])
 
 
 def _object_schema(keys: Mapping[str, _Field]) -> dict[str, Any]:
@@ -218,7 +328,7 @@ def _field_schema(spec: _Field) -> dict[str, Any]:
         out.update(_object_schema(spec.keys))
     elif kind is _Kind.EXPORTS:
         assert spec.keys is not None
-        out.update({"type": "array", "minItems": 1, "items": _object_schema(spec.keys)})
+        out.update({"type": "array", "items": _object_schema(spec.keys)})
     elif kind is _Kind.ID or kind is _Kind.PATH:
         out.update({"type": "string", "minLength": 1})
     elif kind is _Kind.ASSETS:
@@ -239,6 +349,29 @@ def _field_schema(spec: _Field) -> dict[str, Any]:
         out.update({"type": "number", "exclusiveMinimum": 0})
     elif kind is _Kind.DURATION:
         out["$ref"] = "#/$defs/duration"
+    elif kind is _Kind.SIZE:
+        out["anyOf"] = [
+            {"type": "integer", "minimum": spec.minimum, "maximum": spec.maximum},
+            {"type": "string", "pattern": _SIZE_PATTERN},
+        ]
+    elif kind is _Kind.OUT_DIR:
+        out.update({"type": "string", "minLength": 1})
+    elif kind is _Kind.DISCOVER:
+        assert spec.keys is not None
+        item = _object_schema(spec.keys)
+        item["oneOf"] = [{"required": [name]} for name in _SELECTOR_ONE_OF]
+        out.update({"type": "array", "items": item})
+    elif kind is _Kind.AOIS:
+        ids = {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}
+        out["anyOf"] = [ids, {"$ref": "#/$defs/all"}]
+    elif kind is _Kind.IDS:
+        out.update({"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}})
+    elif kind is _Kind.TIME_OR_AGE:
+        out.update({"type": "string", "pattern": f"{_RFC3339_PATTERN}|{_AGE_PATTERN}"})
+    elif kind is _Kind.ASSETS_OR_ALL:
+        out["anyOf"] = [{"$ref": "#/$defs/assetIds"}, {"$ref": "#/$defs/all"}]
+    elif kind is _Kind.NAME_TEMPLATE:
+        out.update({"type": "string", "minLength": 1})
     if spec.default is not None:
         out["default"] = spec.default
     return out

@@ -6,6 +6,7 @@ a value from the ``api`` section, and a key that looks like a literal API key is
 
 from __future__ import annotations
 
+import datetime as _dt
 import difflib
 import math
 import re
@@ -14,8 +15,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from batch_export.manifest._keys import _ENV_NAME, _Field, _Kind
-from batch_export.manifest._paths import _CONTROL, _compile_template, _quote
+from batch_export.manifest._keys import (
+    _AGE,
+    _AGE_UNITS,
+    _ENV_NAME,
+    _RFC3339,
+    _SIZE,
+    _SIZE_UNITS,
+    _Field,
+    _Kind,
+)
+from batch_export.manifest._model import ALL, OBJECT_STORE_SCHEMES
+from batch_export.manifest._paths import (
+    _CONTROL,
+    _compile_name_template,
+    _compile_template,
+    _quote,
+)
 from batch_export.manifest._yaml import (
     _T_BOOL,
     _T_FLOAT,
@@ -40,6 +56,9 @@ from batch_export.units import parse_duration
 __all__: list[str] = []
 
 _YAML11_TAGS: Final = frozenset({_T_INT, _T_FLOAT, _T_BOOL, _T_NULL, _T_TIMESTAMP, _T_STR})
+_SIZE_EXPECTED: Final = "expected a size such as 32MiB, 1GiB, 500MB or a number of bytes"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]{0,15}")
+_WHITE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _MERGE_KEY_MESSAGE: Final = (
     "YAML merge keys (<<) are not supported; use defaults: for shared inputs/outputs, or an alias "
     "(*name) for a whole value"
@@ -227,7 +246,22 @@ class _Checks:
             return self.duration(node, path)
         if kind is _Kind.VERSION:
             return self.version(node, path)
-        raise AssertionError(f"{kind} is walked by its owner")  # SECTION, EXPORTS
+        if kind is _Kind.SIZE:
+            assert spec.minimum is not None and spec.maximum is not None
+            return self.size(node, path, spec.minimum, spec.maximum)
+        if kind is _Kind.OUT_DIR:
+            return self.out_dir(node, path)
+        if kind is _Kind.AOIS:
+            return self.aois(node, path)
+        if kind is _Kind.IDS:
+            return self.ids(node, path, "a project id")
+        if kind is _Kind.TIME_OR_AGE:
+            return self.time_or_age(node, path)
+        if kind is _Kind.ASSETS_OR_ALL:
+            return self.assets_or_all(node, path)
+        if kind is _Kind.NAME_TEMPLATE:
+            return self.name_template(node, path)
+        raise AssertionError(f"{kind} is walked by its owner")  # SECTION, EXPORTS, DISCOVER
 
     def values(
         self, nodes: dict[str, _Node], table: Mapping[str, _Field], path: str
@@ -523,6 +557,168 @@ class _Checks:
             report.error(node.line, node.col, path, "a duration here must be more than 0 seconds")
             return None
         return seconds
+
+    def size(self, node: _Node, path: str, low: int, high: int) -> int | None:
+        """Return a size in bytes in ``[low, high]``: an integer, or a string such as ``32MiB``."""
+        size: int | float
+        if type(node) is _Scalar and node.style is None and node.tag in _NUMBER_TAGS:
+            number = self.number(node, path, "a number of bytes")
+            if number is None:
+                return None
+            size = number
+        elif type(node) is _Scalar and node.tag == _T_STR:
+            match = _SIZE.fullmatch(node.value.strip())
+            if match is None:
+                message = f"{_SIZE_EXPECTED}, got {_quote(node.value)}"
+                if _DEC_INT.fullmatch(node.value.strip()):
+                    message += " (remove the quotes for a number of bytes)"
+                self.report.error(node.line, node.col, path, message)
+                return None
+            number_text, unit = match.groups()
+            size = round(float(number_text) * _SIZE_UNITS[unit])
+        else:
+            got = _reading(node) if type(node) is _Scalar else _kind_name(node)
+            self.report.error(node.line, node.col, path, f"{_SIZE_EXPECTED}, got {got}")
+            return None
+        if not isinstance(size, int):
+            message = f"expected a whole number of bytes, got {size:g}"
+        elif not low <= size <= high:
+            message = f"must be between {low} and {high:,} bytes, got {size:,}"
+        else:
+            return size
+        self.report.error(node.line, node.col, path, message)
+        return None
+
+    def out_dir(self, node: _Node, path: str) -> Path | str | None:
+        """Return the output root: a local folder (a :class:`Path`) or an object-store URL."""
+        if type(node) is not _Scalar or node.tag != _T_STR or "://" not in node.value:
+            return self.path(node, path)
+        text = node.value
+        scheme, _, rest = text.partition("://")
+        bucket, _, prefix = rest.partition("/")
+        problem = None
+        if scheme.lower() not in OBJECT_STORE_SCHEMES:
+            shown = f"{scheme}://" if _SCHEME.fullmatch(scheme) else "this URL scheme"
+            problem = (
+                f"{shown} is not an object store batch-export writes to; use a local folder or "
+                "s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+            )
+        elif "@" in bucket:
+            problem = (
+                "must not hold credentials (user@ or key@): they come from the store's standard "
+                "environment and files, never from the manifest (value not shown)"
+            )
+        elif not bucket:
+            problem = f"names no bucket; write {scheme.lower()}://bucket/prefix"
+        elif ":" in bucket:
+            problem = (
+                "the bucket must not carry a port; name an S3-compatible endpoint with "
+                "AWS_ENDPOINT_URL"
+            )
+        elif "?" in text or "#" in text:
+            problem = "an object-store URL must not have a query (?...) or fragment (#...)"
+        elif _WHITE_OR_CONTROL.search(text):
+            problem = "an object-store URL must not contain white space or control characters"
+        if problem is not None:
+            self.report.error(node.line, node.col, path, problem)
+            return None
+        prefix = prefix.rstrip("/")
+        return f"{scheme.lower()}://{bucket}" + (f"/{prefix}" if prefix else "")
+
+    def plain_all(self, node: _Node, path: str, what: str) -> bool:
+        """Whether ``node`` is the plain word ``all``; a quoted ``"all"`` is reported (ambiguous)."""
+        if type(node) is not _Scalar or node.tag != _T_STR or node.value != ALL:
+            return False
+        if node.style is not None:
+            self.report.error(
+                node.line,
+                node.col,
+                path,
+                f"write all without quotes for {what}, or a list such as [{_quote(ALL)}] for an "
+                "id that is the word all",
+            )
+        return True
+
+    def aois(self, node: _Node, path: str) -> tuple[str, ...] | str | None:
+        """Return AOI ids, or ``"all"`` for the plain word ``all``."""
+        if self.plain_all(node, path, "every AOI the key can list"):
+            return ALL if type(node) is _Scalar and node.style is None else None
+        if type(node) is _Scalar and node.tag == _T_STR and node.style is None:
+            message = (
+                f"expected a list of AOI ids or the word all, got a string (write "
+                f"[{_quote(node.value)}])"
+            )
+            self.report.error(node.line, node.col, path, message)
+            return None
+        return self.ids(node, path, "an AOI id")
+
+    def ids(self, node: _Node, path: str, what: str) -> tuple[str, ...] | None:
+        """Return a non-empty list of non-empty ids, deduplicated in first-occurrence order."""
+        items = self.string_list(node, path)
+        if items is None:
+            return None
+        if not items:
+            self.report.error(node.line, node.col, path, "expected at least one id")
+            return None
+        empty = [i for i, item in enumerate(items) if not item.value]
+        for i in empty:
+            item = items[i]
+            self.report.error(item.line, item.col, f"{path}[{i}]", f"{what} must not be empty")
+        return None if empty else tuple(dict.fromkeys(item.value for item in items))
+
+    def time_or_age(self, node: _Node, path: str) -> _dt.datetime | float | None:
+        """Return an aware UTC datetime (RFC 3339) or an age in seconds (``30d``, ``12h``)."""
+        text = self.string(node, path)
+        if text is None:
+            return None
+        text = text.strip()
+        problem = None
+        if _AGE.fullmatch(text):
+            seconds = sum(
+                float(number) * _AGE_UNITS[unit]
+                for number, unit in re.findall(r"([0-9.]+)([a-z])", text)
+            )
+            if seconds > 0 and math.isfinite(seconds):
+                return seconds
+            problem = "an age here must be more than 0"
+        elif _RFC3339.fullmatch(text):
+            try:
+                when = _dt.datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+            except ValueError:
+                problem = f"{_quote(text)} is not a valid time (check the month, day and hour)"
+            else:
+                return when.astimezone(_dt.UTC)
+        elif re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
+            problem = (
+                f"a time of day and a zone are needed too, such as {_quote(text + 'T00:00:00Z')}"
+            )
+        elif re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9:.]+", text):
+            problem = f"{_quote(text)} has no time zone; add Z (UTC) or an offset such as +05:30"
+        else:
+            problem = (
+                'expected an RFC 3339 time such as "2026-11-01T00:00:00Z" or an age such as 30d, '
+                f"12h or 1w, got {_quote(text)}"
+            )
+        self.report.error(node.line, node.col, path, problem)
+        return None
+
+    def assets_or_all(self, node: _Node, path: str) -> tuple[str, ...] | str | None:
+        """Return asset ids, or ``"all"`` for the plain word ``all``."""
+        if self.plain_all(node, path, "every asset the listing names"):
+            return ALL if type(node) is _Scalar and node.style is None else None
+        return self.assets(node, path)
+
+    def name_template(self, node: _Node, path: str) -> str | None:
+        """Return a valid ``name`` template of a selector."""
+        text = self.string(node, path)
+        if text is None:
+            return None
+        try:
+            _compile_name_template(text)
+        except ValueError as exc:
+            self.report.error(node.line, node.col, path, str(exc))
+            return None
+        return text
 
     def bad_tag(self, node: _Node, path: str) -> None:
         tag = "(not shown)" if self.hidden(path) else _short_tag(node.tag)

@@ -15,12 +15,19 @@ from typing import Final
 
 from batch_export.manifest._model import DEFAULT_PATH_TEMPLATE, STATE_DIR_NAME
 
-__all__ = ["render_relpath", "sanitize_path_value"]
+__all__ = ["render_name", "render_relpath", "sanitize_path_value"]
 
 #: Longest file or folder name most file systems take, in UTF-8 bytes.
 _MAX_COMPONENT_BYTES: Final = 255
 
-_TEMPLATE_FIELDS: Final = ("aoi_id", "insight_id", "name")
+#: Fields of an output path template, in the order of the values tuple :func:`_render` takes.
+_TEMPLATE_FIELDS: Final = ("aoi_id", "insight_id", "name", "insight_name", "created_date")
+
+#: Fields of a ``discover:`` selector's ``name`` template (SPEC §7).
+_NAME_FIELDS: Final = ("aoi_id", "insight_id", "insight_name", "created_date")
+
+#: The values :func:`_render` takes: aoi_id, insight_id, name, insight_name, created_date.
+_Values = tuple[str, str, str, str, str]
 
 
 def _quote(value: str) -> str:
@@ -44,7 +51,7 @@ _RESERVED: Final = frozenset(
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _RESERVED_STARTS: Final = frozenset(name[:3] for name in _RESERVED)
 
-_TemplatePart = tuple[str, int]  # literal text, then index into (aoi_id, insight_id, name) or -1
+_TemplatePart = tuple[str, int]  # literal text, then an index into _TEMPLATE_FIELDS or -1
 
 
 def _is_reserved(value: str) -> bool:
@@ -53,15 +60,29 @@ def _is_reserved(value: str) -> bool:
     return value.split(".", 1)[0].rstrip(" ").upper() in _RESERVED
 
 
-def _compile_template(template: str) -> tuple[_TemplatePart, ...]:
-    """Split a path template into literal/field parts; raise ValueError saying what is wrong."""
+def _fields_text(fields: tuple[str, ...], last: str) -> str:
+    shown = [f"{{{name}}}" for name in fields]
+    return ", ".join(shown[:-1]) + f" {last} " + shown[-1]
+
+
+def _parse_fields(
+    template: str, fields: tuple[str, ...], what: str
+) -> tuple[list[_TemplatePart], str, str]:
+    """Split ``template`` into literal/field parts; return them, the skeleton and the first literal.
+
+    The skeleton is the template with every field replaced by ``x`` (for the path checks).
+
+    Raises:
+        ValueError: the template is empty, has unbalanced braces, or a field that is not a bare
+            name from ``fields``; the message names ``what`` ("path template", "name template").
+    """
     if not template:
-        raise ValueError("the path template is empty")
+        raise ValueError(f"the {what} is empty")
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ValueError(
-            f"unbalanced braces in the path template ({exc}); write {{{{ and }}}} for a literal brace"
+            f"unbalanced braces in the {what} ({exc}); write {{{{ and }}}} for a literal brace"
         ) from None
     parts: list[_TemplatePart] = []
     skeleton = []
@@ -79,30 +100,32 @@ def _compile_template(template: str) -> tuple[_TemplatePart, ...]:
         )
         if field_name == "" or field_name.isdigit():
             raise ValueError(
-                f"positional field {shown} in the path template; use {{aoi_id}}, {{insight_id}} "
-                "or {name}"
+                f"positional field {shown} in the {what}; use {_fields_text(fields, 'or')}"
             )
         if "." in field_name or "[" in field_name:
             raise ValueError(
-                f"{shown}: attribute or index access is not allowed in the path template; use a "
-                "bare {aoi_id}, {insight_id} or {name}"
+                f"{shown}: attribute or index access is not allowed in the {what}; use a "
+                f"bare {_fields_text(fields, 'or')}"
             )
-        if field_name not in _TEMPLATE_FIELDS:
-            hint = difflib.get_close_matches(field_name, _TEMPLATE_FIELDS, 1, 0.6)
+        if field_name not in fields:
+            hint = difflib.get_close_matches(field_name, fields, 1, 0.6)
             did_you_mean = f" (did you mean {{{hint[0]}}}?)" if hint else ""
             raise ValueError(
-                f"unknown field {shown} in the path template{did_you_mean}; the fields are "
-                "{aoi_id}, {insight_id} and {name}"
+                f"unknown field {shown} in the {what}{did_you_mean}; the fields are "
+                f"{_fields_text(fields, 'and')}"
             )
         if conversion is not None:
-            raise ValueError(
-                f"{shown}: conversions (!r, !s, !a) are not allowed in the path template"
-            )
+            raise ValueError(f"{shown}: conversions (!r, !s, !a) are not allowed in the {what}")
         if spec:
-            raise ValueError(f"{shown}: format specs are not allowed in the path template")
+            raise ValueError(f"{shown}: format specs are not allowed in the {what}")
         parts.append((literal, _TEMPLATE_FIELDS.index(field_name)))
         skeleton.append(literal + "x")
-    text = "".join(skeleton)
+    return parts, "".join(skeleton), parsed[0][0]
+
+
+def _compile_template(template: str) -> tuple[_TemplatePart, ...]:
+    """Split a path template into literal/field parts; raise ValueError saying what is wrong."""
+    parts, text, first = _parse_fields(template, _TEMPLATE_FIELDS, "path template")
     if "\\" in text:
         raise ValueError(
             "backslashes are not allowed in the path template; separate folders with /"
@@ -111,7 +134,7 @@ def _compile_template(template: str) -> tuple[_TemplatePart, ...]:
         raise ValueError("control characters are not allowed in the path template")
     if text.startswith("/"):
         raise ValueError("the path template must be relative to the output dir (no leading /)")
-    if re.match(r"[A-Za-z]:", parsed[0][0]):
+    if re.match(r"[A-Za-z]:", first):
         raise ValueError("the path template must not start with a drive (C:)")
     components = text.split("/")
     for component in components:
@@ -125,12 +148,27 @@ def _compile_template(template: str) -> tuple[_TemplatePart, ...]:
     return tuple(parts)
 
 
+def _compile_name_template(template: str) -> tuple[_TemplatePart, ...]:
+    """Split a selector's ``name`` template into parts; raise ValueError saying what is wrong.
+
+    A name is one path component once sanitised, so ``/`` in it is allowed (it becomes ``_``).
+    """
+    parts, text, _ = _parse_fields(template, _NAME_FIELDS, "name template")
+    if _CONTROL.search(text):
+        raise ValueError("control characters are not allowed in the name template")
+    return tuple(parts)
+
+
+def _uses(parts: tuple[_TemplatePart, ...], field_name: str) -> bool:
+    """Whether compiled ``parts`` use the field ``field_name``."""
+    index = _TEMPLATE_FIELDS.index(field_name)
+    return any(i == index for _, i in parts)
+
+
 _DEFAULT_PARTS: Final = _compile_template(DEFAULT_PATH_TEMPLATE)
 
 
-def _render(
-    parts: tuple[_TemplatePart, ...], values: tuple[str, str, str], cache: dict[str, str]
-) -> str:
+def _render(parts: tuple[_TemplatePart, ...], values: _Values, cache: dict[str, str]) -> str:
     out = []
     for literal, index in parts:
         out.append(literal)
@@ -216,7 +254,15 @@ def sanitize_path_value(value: str) -> str:
     return text
 
 
-def render_relpath(template: str, *, aoi_id: str, insight_id: str, name: str) -> str:
+def render_relpath(
+    template: str,
+    *,
+    aoi_id: str,
+    insight_id: str,
+    name: str,
+    insight_name: str | None = None,
+    created_date: str | None = None,
+) -> str:
     """Return the output path, relative to the output dir, for one export.
 
     Args:
@@ -224,17 +270,48 @@ def render_relpath(template: str, *, aoi_id: str, insight_id: str, name: str) ->
         aoi_id: the AOI id (sanitised with :func:`sanitize_path_value` before substitution).
         insight_id: the insight id (sanitised likewise).
         name: the export's name (sanitised likewise).
+        insight_name: the insight's name for ``{insight_name}`` (sanitised likewise); default
+            ``name``, which is what it means for an explicit ``exports:`` entry.
+        created_date: ``YYYY-MM-DD`` for ``{created_date}`` (sanitised likewise); only discovered
+            insights have one.
 
     Returns:
         A POSIX relative path that stays under the output dir and out of the state dir.
 
     Raises:
-        ValueError: the template is invalid, or the result is not a safe path (e.g. a component
-            longer than 255 UTF-8 bytes); the message says why.
+        ValueError: the template is invalid, uses ``{created_date}`` without one, or the result is
+            not a safe path (e.g. a component longer than 255 UTF-8 bytes); the message says why.
     """
     parts = _compile_template(template)
-    relpath = _render(parts, (aoi_id, insight_id, name), {})
+    if created_date is None and _uses(parts, "created_date"):
+        raise ValueError(_NO_CREATED_DATE)
+    values = (aoi_id, insight_id, name, name if insight_name is None else insight_name)
+    relpath = _render(parts, (*values, created_date or ""), {})
     problem = _relpath_problem(relpath)
     if problem is not None:
         raise ValueError(problem)
     return relpath
+
+
+def render_name(
+    template: str, *, aoi_id: str, insight_id: str, insight_name: str, created_date: str
+) -> str:
+    """Return a discovered job's name from a selector's ``name`` template (SPEC §7).
+
+    The values are substituted as they are (the name is what reports show); the name is sanitised
+    when it becomes part of the output path.
+
+    Raises:
+        ValueError: the template is invalid; the message says why.
+    """
+    values = (aoi_id, insight_id, "", insight_name, created_date)
+    return "".join(
+        literal + (values[index] if index >= 0 else "")
+        for literal, index in _compile_name_template(template)
+    )
+
+
+_NO_CREATED_DATE: Final = (
+    "{created_date} is the creation date of a discovered insight; explicit exports: entries have "
+    "none (use it only in a manifest without exports:, or in a discover: selector's name)"
+)

@@ -8,13 +8,17 @@ position order.
 
 from __future__ import annotations
 
+import datetime as _dt
 from pathlib import Path
 from typing import Any
 
 from batch_export.errors import ManifestError
-from batch_export.manifest._keys import _EXPORT, _TOP
+from batch_export.manifest._keys import _EXPORT, _JOBS_ANY_OF, _SELECTOR, _SELECTOR_ONE_OF, _TOP
 from batch_export.manifest._model import (
+    ALL,
+    DEFAULT_NAME_TEMPLATE,
     ApiSettings,
+    DiscoverSelector,
     ExportSpec,
     LimitSettings,
     Manifest,
@@ -22,12 +26,14 @@ from batch_export.manifest._model import (
 )
 from batch_export.manifest._nodes import _Checks
 from batch_export.manifest._paths import (
+    _NO_CREATED_DATE,
     _compile_template,
     _path_conflicts,
     _quote,
     _relpath_problem,
     _render,
     _TemplatePart,
+    _uses,
 )
 from batch_export.manifest._yaml import (
     _T_MAP,
@@ -140,10 +146,20 @@ class _Validator(_Checks):
             self.value(_TOP["version"], found["version"], "version")
         api = self.api(self.section(found, "api"))
         limits = self.limits(self.section(found, "limits"))
-        output, parts = self.output(self.section(found, "output"))
+        output_section = self.section(found, "output")
+        output, parts = self.output(output_section)
         defaults = self.defaults(self.section(found, "defaults"))
         entries = self.exports(found.get("exports"))
-        exports = self.plan(entries, defaults, parts) if parts is not None else ()
+        selectors = self.discover(found.get("discover"), defaults)
+        self.something_to_do(root, found)
+        exports: tuple[ExportSpec, ...] = ()
+        if parts is not None:
+            if entries and _uses(parts, "created_date"):
+                assert output_section is not None  # the default template has no {created_date}
+                node = output_section[1]["path"]
+                self.report.error(node.line, node.col, "output.path", _NO_CREATED_DATE)
+            else:
+                exports = self.plan(entries, defaults, parts)
         if self.report.has_errors():
             return None
         return Manifest(
@@ -153,6 +169,31 @@ class _Validator(_Checks):
             output=output,
             exports=exports,
             warnings=self.report.warnings(),
+            discover=selectors,
+        )
+
+    def something_to_do(self, root: _Map, found: dict[str, _Node]) -> None:
+        """Report a manifest whose exports: and discover: are both absent or empty."""
+        present = [name for name in _JOBS_ANY_OF if name in found]
+        for name in present:
+            node = found[name]
+            if type(node) is not _Seq or node.items:
+                return  # something to do, or a shape error reported already
+        if not present:
+            self.report.error(
+                root.line,
+                root.col,
+                "",
+                "missing required key exports (or discover:)",
+            )
+            return
+        node = found[present[0]]
+        what = {
+            "exports": "export (or a discover: selector)",
+            "discover": "selector (or an export)",
+        }
+        self.report.error(
+            node.line, node.col, present[0], f"expected at least one {what[present[0]]}"
         )
 
     # -- sections ---------------------------------------------------------------------------------
@@ -231,8 +272,14 @@ class _Validator(_Checks):
         if section is None:
             return OutputSettings(), None
         values, nodes = section
+        where = values.pop("dir", None)
+        if isinstance(where, str):
+            values["url"] = where
+        elif where is not None:
+            values["dir"] = where
         if "path" in nodes and "path" not in values:
-            return OutputSettings(dir=values.get("dir")), None
+            values.pop("path", None)
+            return OutputSettings(**values), None
         settings = OutputSettings(**values)
         return settings, _compile_template(settings.path)
 
@@ -258,9 +305,6 @@ class _Validator(_Checks):
             return []
         if node.tag != _T_SEQ:
             self.bad_tag(node, "exports")
-        if not node.items:
-            self.report.error(node.line, node.col, "exports", "expected at least one export")
-            return []
         entries = []
         for index, child in enumerate(node.items):
             path = f"exports[{index}]"
@@ -279,6 +323,98 @@ class _Validator(_Checks):
             if len(values) == len(nodes) and "aoi_id" in values and "insight_id" in values:
                 entries.append(_Entry(index, child, values))
         return entries
+
+    def discover(
+        self,
+        node: _Node | None,
+        defaults: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
+    ) -> tuple[DiscoverSelector, ...]:
+        """Return the ``discover:`` selectors (SPEC §7), with ``defaults:`` applied."""
+        if node is None:
+            return ()
+        if type(node) is not _Seq:
+            message = f"expected a list of selectors, got {_kind_name(node)}"
+            self.report.error(node.line, node.col, "discover", message)
+            return ()
+        if node.tag != _T_SEQ:
+            self.bad_tag(node, "discover")
+        selectors = []
+        for index, child in enumerate(node.items):
+            path = f"discover[{index}]"
+            if type(child) is not _Map:
+                self.report.error(
+                    child.line,
+                    child.col,
+                    path,
+                    f"expected a mapping with aois: or projects:, got {_kind_name(child)}",
+                )
+                continue
+            if child.tag != _T_MAP:
+                self.bad_tag(child, path)
+            nodes = self.keys(child, path, _SELECTOR)
+            values = self.values(nodes, _SELECTOR, path)
+            chosen = sorted(
+                (nodes[name] for name in _SELECTOR_ONE_OF if name in nodes),
+                key=lambda value: (value.line, value.col),
+            )
+            if not chosen:
+                self.report.error(
+                    child.line,
+                    child.col,
+                    path,
+                    "a selector needs aois: (a list of AOI ids, or all) or projects: (a list of "
+                    "project ids)",
+                )
+            elif len(chosen) > 1:
+                self.report.error(
+                    chosen[1].line,
+                    chosen[1].col,
+                    path,
+                    "set aois: or projects:, not both (a selector lists one kind of thing)",
+                )
+            if len(chosen) == 1 and len(values) == len(nodes):
+                selector = self.selector(index, child, values, defaults)
+                if selector is not None:
+                    selectors.append(selector)
+        return tuple(selectors)
+
+    def selector(
+        self,
+        index: int,
+        node: _Map,
+        values: dict[str, Any],
+        defaults: tuple[tuple[str, ...] | None, tuple[str, ...] | None],
+    ) -> DiscoverSelector | None:
+        """Build one valid selector; None when its defaults are invalid or it selects nothing."""
+        inputs = values.get("inputs", defaults[0])
+        outputs = values.get("outputs", defaults[1])
+        if inputs is None or outputs is None:
+            return None  # an invalid defaults list, reported already
+        if inputs == () and outputs == ():
+            self.report.error(
+                node.line,
+                node.col,
+                f"discover[{index}]",
+                "nothing selected: inputs and outputs are both empty (set them here, as lists or "
+                "all, or in defaults:)",
+            )
+            return None
+        aois = values.get("aois")
+        created = values.get("created_after")
+        return DiscoverSelector(
+            index=index,
+            aois=None if aois == ALL else aois,
+            all_aois=aois == ALL,
+            projects=values.get("projects"),
+            statuses=values.get("status"),
+            created_after=created if isinstance(created, _dt.datetime) else None,
+            created_within=created if isinstance(created, float) else None,
+            name_glob=values.get("name_glob"),
+            inputs=inputs,
+            outputs=outputs,
+            name=values.get("name", DEFAULT_NAME_TEMPLATE),
+            line=node.line,
+        )
 
     def plan(
         self,
@@ -309,7 +445,7 @@ class _Validator(_Checks):
                 )
                 continue
             name = entry.insight_id if entry.name is None else entry.name
-            relpath = _render(parts, (entry.aoi_id, entry.insight_id, name), cache)
+            relpath = _render(parts, (entry.aoi_id, entry.insight_id, name, name, ""), cache)
             problem = _relpath_problem(relpath)
             if problem is not None:
                 report.error(entry.line, entry.col, label, problem)
@@ -320,7 +456,14 @@ class _Validator(_Checks):
                 firsts.append(entry)
                 specs.append(
                     ExportSpec(
-                        entry.aoi_id, entry.insight_id, inputs, outputs, name, relpath, entry.line
+                        entry.aoi_id,
+                        entry.insight_id,
+                        inputs,
+                        outputs,
+                        name,
+                        relpath,
+                        entry.line,
+                        label,
                     )
                 )
                 continue

@@ -170,7 +170,7 @@ def _parse_yaml(text: str, report: _Report) -> _Node | None:
     try:
         composed = _compose(loader, report)
     except yaml.MarkedYAMLError as exc:
-        _syntax_error(exc, report)
+        _syntax_error(exc, report, text)
         return None
     except yaml.YAMLError:
         report.error(1, 1, "", "the manifest is not valid YAML")
@@ -317,9 +317,13 @@ _KEEP_QUOTED = re.compile(
 )
 
 
-def _syntax_error(exc: yaml.MarkedYAMLError, report: _Report) -> None:
+def _syntax_error(exc: yaml.MarkedYAMLError, report: _Report, text: str) -> None:
     mark = exc.problem_mark or exc.context_mark
     line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    if _char_at(text, line, col) == "\t":
+        # libyaml says "found character that cannot start any token" and PyYAML shows '\t'.
+        report.error(line, col, "", _TAB_MESSAGE)
+        return
     problem = _redact(exc.problem or "invalid YAML")
     message = f"invalid YAML: {problem}"
     if exc.context:
@@ -328,6 +332,24 @@ def _syntax_error(exc: yaml.MarkedYAMLError, report: _Report) -> None:
             where = f" started at line {exc.context_mark.line + 1}"
         message += f" ({_redact(exc.context)}{where})"
     report.error(line, col, "", message)
+
+
+_TAB_MESSAGE: Final = (
+    "invalid YAML: found a tab character where YAML does not allow one; indent with spaces, "
+    "not tabs"
+)
+
+
+def _char_at(text: str, line: int, col: int) -> str:
+    """Return the character at 1-based ``line``/``col`` of ``text`` ("" past the end)."""
+    start = 0
+    for _ in range(line - 1):
+        start = text.find("\n", start) + 1
+        if start == 0:
+            return ""
+    end = text.find("\n", start)
+    row = text[start:] if end == -1 else text[start:end]
+    return row[col - 1 : col]
 
 
 def _redact(text: str) -> str:

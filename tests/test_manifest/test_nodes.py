@@ -206,12 +206,12 @@ def test_unknown_keys_at_every_level() -> None:
         """
     assert problems(text) == [
         "m.yaml:2:1: export: unknown key export; did you mean exports? (known keys here: version, "
-        "api, limits, output, defaults, exports)",
+        "api, limits, output, defaults, exports, discover)",
         "m.yaml:4:3: api.urll: unknown key urll; did you mean url? (known keys here: url, key_env, "
         "key_file, ready_statuses, failed_statuses)",
         "m.yaml:6:3: limits.inflight: unknown key inflight; did you mean in_flight? (known keys "
         "here: in_flight, downloads, rate, poll_interval, poll_max_interval, poll_timeout, retries, "
-        "read_timeout)",
+        "read_timeout, connections, segment_min, give_up_after)",
         "m.yaml:8:3: output.folder: unknown key folder (known keys here: dir, path)",
         "m.yaml:10:3: defaults.output: unknown key output; did you mean outputs? (known keys here: "
         "inputs, outputs)",
@@ -420,3 +420,163 @@ def test_absolute_paths_are_kept_and_tilde_is_refused() -> None:
     assert only_problem("version: 1\noutput:\n  dir: ''\n" + MINIMAL[11:]) == (
         "m.yaml:3:8: output.dir: expected a path, got an empty string"
     )
+
+
+# -- the limits of segmented downloads and abandoned jobs (SPEC §3, §4, §9) -----------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "value"),
+    [
+        ("connections: 1", "connections", 1),
+        ("connections: 256", "connections", 256),
+        ("give_up_after: 1", "give_up_after", 1),
+        ("segment_min: 1", "segment_min", 1),
+        ("segment_min: 33554432", "segment_min", 32 * 2**20),
+        ("segment_min: 32MiB", "segment_min", 32 * 2**20),
+        ("segment_min: 32 MiB", "segment_min", 32 * 2**20),
+        ("segment_min: 1GiB", "segment_min", 2**30),
+        ("segment_min: 1.5GiB", "segment_min", 3 * 2**29),
+        ("segment_min: 500MB", "segment_min", 500_000_000),
+        ("segment_min: 64kB", "segment_min", 64_000),
+        ("segment_min: 64KiB", "segment_min", 65_536),
+        ("segment_min: 1TiB", "segment_min", 2**40),
+        ('segment_min: "10B"', "segment_min", 10),
+    ],
+)
+def test_new_limits_accepted(body: str, key: str, value: int) -> None:
+    m = parse(limits(body))
+    assert getattr(m.limits, key) == value
+    assert isinstance(getattr(m.limits, key), int)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("connections: 0", "m.yaml:3:16: limits.connections: must be between 1 and 256, got 0"),
+        (
+            "connections: yes",
+            "m.yaml:3:16: limits.connections: expected an integer; unquoted yes is read by YAML "
+            "as the boolean true",
+        ),
+        (
+            "give_up_after: 0",
+            "m.yaml:3:18: limits.give_up_after: must be between 1 and 1000, got 0",
+        ),
+        (
+            "give_up_after: 2.5",
+            "m.yaml:3:18: limits.give_up_after: expected a whole number, got 2.5",
+        ),
+        (
+            "segment_min: 0",
+            "m.yaml:3:16: limits.segment_min: must be between 1 and 1,099,511,627,776 bytes, got 0",
+        ),
+        (
+            "segment_min: 2TiB",
+            "m.yaml:3:16: limits.segment_min: must be between 1 and 1,099,511,627,776 bytes, got "
+            "2,199,023,255,552",
+        ),
+        (
+            "segment_min: 1.5",
+            "m.yaml:3:16: limits.segment_min: expected a whole number of bytes, got 1.5",
+        ),
+        (
+            'segment_min: "32"',
+            "m.yaml:3:16: limits.segment_min: expected a size such as 32MiB, 1GiB, 500MB or a "
+            'number of bytes, got "32" (remove the quotes for a number of bytes)',
+        ),
+        (
+            "segment_min: 32XB",
+            "m.yaml:3:16: limits.segment_min: expected a size such as 32MiB, 1GiB, 500MB or a "
+            'number of bytes, got "32XB"',
+        ),
+        (
+            "segment_min: 32mib",
+            "m.yaml:3:16: limits.segment_min: expected a size such as 32MiB, 1GiB, 500MB or a "
+            'number of bytes, got "32mib"',
+        ),
+        (
+            "segment_min: [1]",
+            "m.yaml:3:16: limits.segment_min: expected a size such as 32MiB, 1GiB, 500MB or a "
+            "number of bytes, got a list",
+        ),
+        (
+            "segment_min: no",
+            "m.yaml:3:16: limits.segment_min: expected a size such as 32MiB, 1GiB, 500MB or a "
+            "number of bytes, got the boolean false",
+        ),
+        (
+            "segment_min: 0x10",
+            "m.yaml:3:16: limits.segment_min: write a plain decimal number: YAML 1.1 reads "
+            "unquoted 0x10 as the integer 16",
+        ),
+    ],
+)
+def test_new_limits_rejected(body: str, message: str) -> None:
+    assert only_problem(limits(body)) == message
+
+
+# -- output.dir as an object-store URL (SPEC §8) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "url"),
+    [
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("s3://bucket/pre/fix/", "s3://bucket/pre/fix"),
+        ("S3://Bucket/x", "s3://Bucket/x"),
+        ("s3://bucket", "s3://bucket"),
+        ("s3://bucket/", "s3://bucket"),
+        ("gs://b/p", "gs://b/p"),
+        ("az://container/p", "az://container/p"),
+    ],
+)
+def test_output_dir_object_store_url_is_kept_as_a_url(raw: str, url: str) -> None:
+    m = parse(f'version: 1\noutput: {{dir: "{raw}"}}\n{MINIMAL[11:]}', path="/srv/m/m.yaml")
+    assert m.out_url == url
+    assert m.output.url == url
+    assert m.output.dir is None
+
+
+def test_output_dir_folder_has_no_url() -> None:
+    m = parse(f"version: 1\noutput: {{dir: out}}\n{MINIMAL[11:]}", path="/srv/m/m.yaml")
+    assert m.out_url is None
+    assert m.output.dir == Path("/srv/m/out")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            "http://host/x",
+            "http:// is not an object store batch-export writes to; use a local folder or "
+            "s3://bucket/prefix, gs://bucket/prefix or az://container/prefix",
+        ),
+        (
+            "s3 x://b",
+            "this URL scheme is not an object store batch-export writes to; use a local folder "
+            "or s3://bucket/prefix, gs://bucket/prefix or az://container/prefix",
+        ),
+        ("s3://", "names no bucket; write s3://bucket/prefix"),
+        ("S3:///prefix", "names no bucket; write s3://bucket/prefix"),
+        (
+            f"s3://AKIA:{SECRET}@bucket/x",
+            "must not hold credentials (user@ or key@): they come from the store's standard "
+            "environment and files, never from the manifest (value not shown)",
+        ),
+        (
+            "s3://bucket:9000/x",
+            "the bucket must not carry a port; name an S3-compatible endpoint with "
+            "AWS_ENDPOINT_URL",
+        ),
+        (
+            "s3://b/x?versionId=1",
+            "an object-store URL must not have a query (?...) or fragment (#...)",
+        ),
+        ("gs://b/a b", "an object-store URL must not contain white space or control characters"),
+    ],
+)
+def test_output_dir_bad_object_store_urls(raw: str, message: str) -> None:
+    line = only_problem(f'version: 1\noutput: {{dir: "{raw}"}}\n{MINIMAL[11:]}')
+    assert line == f"m.yaml:2:15: output.dir: {message}"
+    assert SECRET not in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from pathlib import Path, PurePosixPath
 
@@ -14,6 +15,7 @@ import batch_export.manifest._paths as paths_module
 from batch_export.manifest import (
     DEFAULT_PATH_TEMPLATE,
     load_manifest,
+    render_name,
     render_relpath,
     sanitize_path_value,
 )
@@ -321,3 +323,84 @@ def test_dots_and_control_characters_in_ids_are_sanitised_in_the_path(
 def test_bidi_overrides_are_removed_from_paths() -> None:
     assert sanitize_path_value("\u202egpj.exe") == "gpj.exe"
     assert sanitize_path_value("a\u2066b\u200fc") == "abc"
+
+
+# -- {insight_name} and {created_date} (SPEC §7) ---------------------------------------------------
+
+
+def test_template_field_messages_list_every_field() -> None:
+    assert only_problem(one_export() + 'output: {path: "{foo}.zip"}\n') == (
+        "m.yaml:6:16: output.path: unknown field {foo} in the path template; the fields are "
+        "{aoi_id}, {insight_id}, {name}, {insight_name} and {created_date}"
+    )
+    assert only_problem(one_export() + 'output: {path: "{insight}.zip"}\n') == (
+        "m.yaml:6:16: output.path: unknown field {insight} in the path template (did you mean "
+        "{insight_id}?); the fields are {aoi_id}, {insight_id}, {name}, {insight_name} and "
+        "{created_date}"
+    )
+
+
+def test_insight_name_of_an_explicit_entry_is_its_name() -> None:
+    m = parse(
+        one_export(name='"my/field"')
+        + 'output: {path: "{aoi_id}/{insight_name}/{insight_id}.zip"}\n'
+    )
+    assert m.exports[0].relpath == "a/my_field/i.zip"
+    m = parse(one_export() + 'output: {path: "{insight_name}.zip"}\n')
+    assert m.exports[0].relpath == "i.zip"
+
+
+def test_created_date_is_refused_with_explicit_exports() -> None:
+    assert only_problem(one_export() + 'output: {path: "{created_date}/{name}.zip"}\n') == (
+        "m.yaml:6:16: output.path: {created_date} is the creation date of a discovered insight; "
+        "explicit exports: entries have none (use it only in a manifest without exports:, or in "
+        "a discover: selector's name)"
+    )
+    m = parse(
+        'version: 1\noutput: {path: "{created_date}/{insight_name}.zip"}\n'
+        "discover: [{aois: all, outputs: all}]\n"
+    )
+    assert m.output.path == "{created_date}/{insight_name}.zip"
+
+
+def test_render_relpath_with_the_discovery_fields() -> None:
+    template = "{aoi_id}/{created_date}/{insight_name}/{name}.zip"
+    assert (
+        render_relpath(
+            template,
+            aoi_id="a",
+            insight_id="i",
+            name="n",
+            insight_name="../x\u202e",
+            created_date="2026-11-30",
+        )
+        == "a/2026-11-30/.._x/n.zip"
+    )
+    with pytest.raises(ValueError, match=r"^\{created_date\} is the creation date"):
+        render_relpath(template, aoi_id="a", insight_id="i", name="n")
+
+
+def test_render_name_substitutes_raw_values() -> None:
+    assert (
+        render_name(
+            "{insight_name}-{created_date}",
+            aoi_id="a",
+            insight_id="i",
+            insight_name="x/y",
+            created_date="2026-11-30",
+        )
+        == "x/y-2026-11-30"
+    )
+    assert (
+        render_name("{{{aoi_id}}}", aoi_id="a", insight_id="", insight_name="", created_date="")
+        == "{a}"
+    )
+    for bad, message in [
+        ("", "the name template is empty"),
+        ("{name}", "unknown field {name} in the name template"),
+        ("{insight_id:>9}", "{insight_id:>9}: format specs are not allowed in the name template"),
+        ("{aoi_id", "unbalanced braces in the name template"),
+        ("a\x01{aoi_id}", "control characters are not allowed in the name template"),
+    ]:
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            render_name(bad, aoi_id="a", insight_id="i", insight_name="n", created_date="d")

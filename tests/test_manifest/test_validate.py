@@ -51,8 +51,11 @@ def test_minimal_manifest() -> None:
             name="field-12-ndvi",
             relpath="6f1c2e/b77a90/field-12-ndvi.zip",
             line=3,
+            source="exports[0]",
         ),
-        ExportSpec("6f1c2e", "c0ffee", (), ("ndvi",), "c0ffee", "6f1c2e/c0ffee/c0ffee.zip", 8),
+        ExportSpec(
+            "6f1c2e", "c0ffee", (), ("ndvi",), "c0ffee", "6f1c2e/c0ffee/c0ffee.zip", 8, "exports[1]"
+        ),
     )
     assert m.warnings == ()
     assert m.output.dir is None
@@ -145,14 +148,14 @@ def test_version(raw: str, message: str) -> None:
 def test_version_and_exports_are_required() -> None:
     assert problems("api: {}\n") == [
         "m.yaml:1:1: (document): missing required key version",
-        "m.yaml:1:1: (document): missing required key exports",
+        "m.yaml:1:1: (document): missing required key exports (or discover:)",
     ]
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ("[]", "m.yaml:2:10: exports: expected at least one export"),
+        ("[]", "m.yaml:2:10: exports: expected at least one export (or a discover: selector)"),
         ("", "m.yaml:2:9: exports: expected a list of exports, got nothing"),
         ("{a: 1}", "m.yaml:2:10: exports: expected a list of exports, got a mapping"),
         (
@@ -321,6 +324,7 @@ def test_ten_thousand_entries(tmp_path: Path) -> None:
         "ins009999",
         "aoi008/ins009999/ins009999.zip",
         5 + 3 * 9_999,
+        "exports[9999]",
     )
     assert m.warnings == ()
 

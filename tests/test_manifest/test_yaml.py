@@ -205,7 +205,7 @@ def test_unquoted_key_that_yaml_retypes_is_rejected(loader: str, raw: str, readi
     assert only_problem(top) == (
         f"m.yaml:1:1: (document): unquoted key {raw} is read by YAML as {reading} — quote it: "
         f'"{raw}"; it is not a known key either (known keys here: version, api, limits, output, '
-        "defaults, exports)"
+        "defaults, exports, discover)"
     )
     entry = MINIMAL + f"    {raw}: x\n"
     assert only_problem(entry) == (
@@ -391,3 +391,26 @@ def test_single_quoted_strings_round_trip_exactly(value: str) -> None:
         f"  - aoi_id: {quoted}\n    insight_id: {quoted}\n    outputs: [{quoted}]\n"
     )
     assert (m.exports[0].aoi_id, m.exports[0].insight_id) == (value, value)
+
+
+TAB_MESSAGE = (
+    "(document): invalid YAML: found a tab character where YAML does not allow one; indent with "
+    "spaces, not tabs"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "position"),
+    [
+        ("version: 1\nexports:\n\t- aoi_id: a\n", "m.yaml:3:1"),
+        ('version: 1\nexports:\n  - aoi_id: "é"\n\t  insight_id: i\n', "m.yaml:4:1"),
+        ("version: 1\nlimits:\n  rate: 1\n\tin_flight: 2\n", "m.yaml:4:1"),
+    ],
+)
+def test_a_tab_is_named_as_a_tab(loader: str, text: str, position: str) -> None:
+    assert only_problem(text) == f"{position}: {TAB_MESSAGE}"
+
+
+def test_a_tab_inside_a_flow_mapping_is_white_space() -> None:
+    m = parse('version: 1\nexports: [{aoi_id: a,\tinsight_id: i, outputs: ["o"]}]\n')
+    assert m.exports[0].insight_id == "i"

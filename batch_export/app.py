@@ -52,6 +52,7 @@ __all__ = [
     "execute_run",
     "plan_lines",
     "resolve_api_key",
+    "resolve_dirs",
     "resolve_settings",
 ]
 
@@ -93,16 +94,7 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
     refusal = url_refusal(api_url, allow_http=options.allow_http, what="API URL")
     if refusal:
         raise UsageError(refusal)
-    if options.out is not None:
-        out_dir = options.out.absolute()
-    elif manifest.output.dir is not None:
-        out_dir = manifest.output.dir
-    else:
-        out_dir = manifest.path.absolute().parent / "exports"
-    if options.state_dir:
-        state_dir = options.state_dir.absolute()
-    else:
-        state_dir = out_dir / STATE_DIR_NAME
+    out_dir, state_dir = resolve_dirs(manifest, out=options.out, state_dir=options.state_dir)
     defaults = Settings(api_url="", out_dir=out_dir, state_dir=state_dir)
 
     def pick(cli: float | int | None, man: float | int | None, default: float | int) -> float | int:
@@ -136,6 +128,24 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
     if clash:
         raise UsageError(clash)
     return settings
+
+
+def resolve_dirs(
+    manifest: Manifest, *, out: Path | None, state_dir: Path | None
+) -> tuple[Path, Path]:
+    """Return the run's ``(output dir, state dir)``, absolute (SPEC §2; ``status`` uses it too).
+
+    ``out``: ``--out`` (relative to the working dir), else the manifest's ``output.dir`` (already
+    resolved against the manifest's folder), else ``exports/`` beside the manifest. ``state_dir``:
+    ``--state-dir``, else ``<out>/.batch-export``.
+    """
+    if out is not None:
+        out_dir = out.absolute()
+    elif manifest.output.dir is not None:
+        out_dir = manifest.output.dir
+    else:
+        out_dir = manifest.path.absolute().parent / "exports"
+    return out_dir, state_dir.absolute() if state_dir else out_dir / STATE_DIR_NAME
 
 
 def state_dir_clash(specs: tuple[ExportSpec, ...], *, out_dir: Path, state_dir: Path) -> str | None:

@@ -256,10 +256,12 @@ def demo(out: Path, progress: bool | None) -> None:
 
 
 @main.command(context_settings=_CONTEXT)
+@click.argument("manifest", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
-    help="The output root a run used (its state store is <out>/.batch-export) [default: exports].",
+    help="The output root a run used, as given to run [default: from MANIFEST as run resolves it; "
+    "without MANIFEST: exports].",
 )
 @click.option(
     "--state-dir",
@@ -267,22 +269,40 @@ def demo(out: Path, progress: bool | None) -> None:
     help="The state dir a run used (if it was given --state-dir).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def status(out: Path | None, state_dir: Path | None, as_json: bool) -> None:
+@click.option("--failed", "failed_only", is_flag=True, help="List only the failed jobs.")
+def status(
+    manifest: Path | None,
+    out: Path | None,
+    state_dir: Path | None,
+    as_json: bool,
+    failed_only: bool,
+) -> None:
     """Show job states, failures with reasons, and the last runs from the state store.
 
-    Reads only; safe while a run is going on.
+    With MANIFEST the state dir is found exactly as run finds it, and only that manifest's jobs
+    count; stored jobs whose entry is gone or was edited show as "stale". Reads only; safe while a
+    run is going on.
     """
+    from batch_export.app import resolve_dirs
     from batch_export.status import read_status, render_status
 
-    if out is not None and state_dir is not None:
-        raise click.UsageError("give --out or --state-dir, not both")
-    directory = state_dir if state_dir is not None else (out or Path("exports")) / ".batch-export"
+    specs = None
+    if manifest is not None:
+        loaded = _load(manifest)
+        specs = loaded.exports
+        directory = resolve_dirs(loaded, out=out, state_dir=state_dir)[1]
+    elif out is not None and state_dir is not None:
+        raise click.UsageError("give --out or --state-dir, not both (or the MANIFEST)")
+    else:
+        directory = (
+            state_dir if state_dir is not None else (out or Path("exports")) / ".batch-export"
+        )
     try:
-        doc = read_status(directory)
+        doc = read_status(directory, specs=specs, failed_only=failed_only)
     except BatchExportError as exc:
         click.echo(f"batch-export: {exc.message}", err=True)
         sys.exit(2)
-    render_status(doc, as_json=as_json)
+    render_status(doc, as_json=as_json, failed_only=failed_only)
 
 
 main.add_command(sandbox_command)

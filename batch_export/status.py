@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,22 +16,50 @@ from rich.table import Table
 
 from batch_export.clock import utc_timestamp
 from batch_export.errors import UsageError
+from batch_export.lifecycle import job_key
+from batch_export.manifest import ExportSpec
 from batch_export.redact import escape_controls
 from batch_export.store import RunInfo, SqliteStore
 from batch_export.types import STATE_FILE, JobRecord, JobState
 
-__all__ = ["read_status", "render_status"]
+__all__ = ["STALE", "read_status", "render_status"]
 
 
-def read_status(state_dir: Path, *, runs: int = 5) -> dict[str, Any]:
-    """Return the status document: counts by state, every job record, the last ``runs`` runs.
+#: The state shown for a stored job whose manifest entry is gone or was edited (SPEC §9).
+STALE = "stale"
+
+#: The states ``--failed`` lists.
+_FAILURES = frozenset({"failed", "abandoned"})
+
+
+def read_status(
+    state_dir: Path,
+    *,
+    specs: Sequence[ExportSpec] | None = None,
+    failed_only: bool = False,
+    runs: int = 5,
+) -> dict[str, Any]:
+    """Return the status document: counts by state, the job records, the last ``runs`` runs.
+
+    Args:
+        state_dir: the state dir (as ``run`` resolves it).
+        specs: the manifest's exports, when a manifest was given: only their jobs count (a job of
+            the manifest that no run has touched yet is ``queued``); every other stored job is
+            listed with state ``stale`` (its entry is gone or was edited: a new entry is a new
+            job) and counted under ``counts.stale`` only, not in ``total``. ``None``: every stored
+            job counts.
+        failed_only: list only the jobs that failed (``failed``, ``abandoned``).
+        runs: how many of the last runs to list.
+
+    Shape: ``{"state_dir", "counts": {<state>: n, ..., "total": n, "stale": n}, "jobs": [...],
+    "runs": [...]}``; each job is a :class:`JobRecord` as a dict, ``state`` a string.
 
     Raises:
         UsageError: there is no state store in ``state_dir``.
     """
     if not (state_dir / STATE_FILE).is_file():
         raise UsageError(
-            f"no state store in {state_dir} (has a run used this --out / --state-dir?)"
+            f"no state store in {state_dir} (has a run used this manifest / --out / --state-dir?)"
         )
 
     async def load() -> tuple[list[JobRecord], list[RunInfo]]:
@@ -41,14 +70,38 @@ def read_status(state_dir: Path, *, runs: int = 5) -> dict[str, Any]:
             await store.close()
 
     records, last_runs = anyio.run(load)
-    counts = Counter(str(record.state) for record in records)
+    jobs, stale = _split(records, specs)
+    counts = Counter(str(record.state) for record in jobs)
+    docs = [_job(record) for record in jobs] + [_job(record, stale=True) for record in stale]
+    if failed_only:
+        docs = [doc for doc in docs if doc["state"] in _FAILURES]
     return {
         "state_dir": str(state_dir),
         "counts": {str(state): counts.get(str(state), 0) for state in JobState}
-        | {"total": len(records)},
-        "jobs": [_job(record) for record in records],
+        | {"total": len(jobs), STALE: len(stale)},
+        "jobs": docs,
         "runs": [_run(run) for run in last_runs],
     }
+
+
+def _split(
+    records: list[JobRecord], specs: Sequence[ExportSpec] | None
+) -> tuple[list[JobRecord], list[JobRecord]]:
+    """Return ``(the manifest's jobs, stale jobs)``; the manifest's in manifest order."""
+    if specs is None:
+        return records, []
+    by_key = {record.key: record for record in records}
+    mine: dict[str, JobRecord] = {}
+    for spec in specs:
+        key = job_key(spec)
+        mine[key] = by_key.get(key) or JobRecord(
+            key=key,
+            aoi_id=spec.aoi_id,
+            insight_id=spec.insight_id,
+            name=spec.name,
+            relpath=spec.relpath,
+        )
+    return list(mine.values()), [record for record in records if record.key not in mine]
 
 
 def _run(run: RunInfo) -> dict[str, Any]:
@@ -59,44 +112,47 @@ def _run(run: RunInfo) -> dict[str, Any]:
     return doc
 
 
-def _job(record: JobRecord) -> dict[str, Any]:
+def _job(record: JobRecord, *, stale: bool = False) -> dict[str, Any]:
     doc = asdict(record)
-    doc["state"] = str(record.state)
+    doc["state"] = STALE if stale else str(record.state)
+    if stale:
+        doc["last_state"] = str(record.state)  # what the store last recorded
     return doc
 
 
-def render_status(doc: dict[str, Any], *, as_json: bool) -> None:
-    """Print the status document as JSON (for scripts) or as tables (for people) on stdout."""
+def render_status(doc: dict[str, Any], *, as_json: bool, failed_only: bool = False) -> None:
+    """Print the status document as JSON (for scripts) or as tables (for people) on stdout.
+
+    ``failed_only``: print only the failures (the document already holds only those jobs).
+    """
     if as_json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
     console.print(f"state store: {doc['state_dir']}", markup=False, highlight=False)
-    states = Table(title="jobs by state", title_justify="left")
-    states.add_column("state")
-    states.add_column("jobs", justify="right")
-    for state, count in doc["counts"].items():
-        if count or state in ("done", "failed", "total"):
-            states.add_row(state, str(count))
-    console.print(states)
-    failed = [job for job in doc["jobs"] if job["state"] == "failed"]
-    if failed:
-        table = Table(title="failed jobs (tried again by the next run)", title_justify="left")
-        for column in ("aoi_id", "insight_id", "name", "code", "http", "message"):
-            table.add_column(column, overflow="fold")
-        for job in failed:
-            status = job["error_http_status"]
-            cells = (
-                job["aoi_id"],
-                job["insight_id"],
-                job["name"],
-                job["error_code"] or "",
-                str(status) if status is not None else "",
-                job["error_message"] or "",
-            )
-            table.add_row(*(escape_controls(cell) for cell in cells))
-        console.print(table)
+    if not failed_only:
+        _print_counts(console, doc["counts"])
+    failures = [job for job in doc["jobs"] if job["state"] in _FAILURES]
+    for state, title in (
+        ("failed", "failed jobs (tried again by the next run)"),
+        (
+            "abandoned",
+            "abandoned jobs (not tried again until the entry changes or --retry-abandoned)",
+        ),
+    ):
+        _print_failures(console, title, [job for job in failures if job["state"] == state])
+    if failed_only:
+        if not failures:
+            console.print("no failed jobs", highlight=False)
+        return
+    if doc["counts"].get(STALE):
+        console.print(
+            f"{doc['counts'][STALE]} stale job(s) in the store: their manifest entry is gone or was "
+            "edited (an edited entry is a new job)",
+            markup=False,
+            highlight=False,
+        )
     if doc["runs"]:
         runs = Table(title="last runs", title_justify="left")
         for column in ("run_id", "started", "finished", "exit", "counts"):
@@ -111,3 +167,33 @@ def render_status(doc: dict[str, Any], *, as_json: bool) -> None:
                 ", ".join(f"{v} {k}" for k, v in (run.get("counts") or {}).items() if v),
             )
         console.print(runs)
+
+
+def _print_counts(console: Console, counts: dict[str, int]) -> None:
+    states = Table(title="jobs by state", title_justify="left")
+    states.add_column("state")
+    states.add_column("jobs", justify="right")
+    for state, count in counts.items():
+        if count or state in ("done", "failed", "total"):
+            states.add_row(state, str(count))
+    console.print(states)
+
+
+def _print_failures(console: Console, title: str, jobs: list[dict[str, Any]]) -> None:
+    if not jobs:
+        return
+    table = Table(title=title, title_justify="left")
+    for column in ("aoi_id", "insight_id", "name", "code", "http", "message"):
+        table.add_column(column, overflow="fold")
+    for job in jobs:
+        status = job["error_http_status"]
+        cells = (
+            job["aoi_id"],
+            job["insight_id"],
+            job["name"],
+            job["error_code"] or "",
+            str(status) if status is not None else "",
+            job["error_message"] or "",
+        )
+        table.add_row(*(escape_controls(cell) for cell in cells))
+    console.print(table)

@@ -12,13 +12,16 @@ import asyncio
 import base64
 import binascii
 import collections
+import ctypes
 import errno
 import functools
 import hashlib
+import logging
 import os
 import random
 import re
 import struct
+import threading
 import zipfile
 import zlib
 from collections.abc import Awaitable, Callable
@@ -42,11 +45,14 @@ from batch_export.errors import (
 )
 from batch_export.http import HttpSession, describe_failure
 from batch_export.retry import RetryPolicy
+from batch_export.safepath import PathProblem, open_dir, open_file, replace_in, unlink_in
+from batch_export.segments import UNIT_MIN, Ranges, Schedule, SegmentState, add_range
 from batch_export.urls import url_refusal
 
 __all__ = [
     "CRC_BLOCK",
     "PIECE_SIZE",
+    "SEGMENT_MIN",
     "Downloader",
     "Transfer",
     "commit_part",
@@ -55,6 +61,10 @@ __all__ = [
     "verify_package",
 ]
 
+log = logging.getLogger(__name__)
+
+#: Default of ``limits.segment_min``: a package must be larger than this to be segmented (bytes).
+SEGMENT_MIN = 32 * 1024 * 1024
 #: Bytes handed to the writer thread at once (SPEC §4: at least 1 MiB).
 PIECE_SIZE = 1024 * 1024
 #: Block size of the CRC-32s kept while streaming, from which members' CRCs are checked (bytes).
@@ -71,6 +81,8 @@ _MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+#: Read errors that are the disk's or the process's, not the zip's (an ``EINVAL`` seek is the zip's).
+_READ_ERRNOS = frozenset({errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EACCES})
 
 
 def part_path(final: Path) -> Path:
@@ -113,7 +125,9 @@ class _PartSink:
     the longer of the two, not their sum.
     """
 
-    def __init__(self, path: Path, resume_from: int, *, md5: bool = True) -> None:
+    def __init__(
+        self, path: Path, resume_from: int, *, md5: bool = True, root: Path | None = None
+    ) -> None:
         self.path = path
         self._sha = hashlib.sha256()
         self._md5: Any = hashlib.md5(usedforsecurity=False) if md5 else None
@@ -122,9 +136,9 @@ class _PartSink:
         self._crcs: list[int] = []  # CRC-32 of each complete CRC_BLOCK
         self._crc = 0  # CRC-32 of the incomplete block at the end
         self._crc_fill = 0  # bytes in that block
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO = open(path, "r+b" if resume_from and path.exists() else "w+b")
-        if resume_from:
+        fd, kept = _open_part(path, root, keep=resume_from > 0)
+        self._file: BinaryIO = os.fdopen(fd, "r+b")
+        if resume_from and kept:
             self._rehash(resume_from)
 
     def _rehash(self, upto: int) -> None:
@@ -145,14 +159,13 @@ class _PartSink:
             return
         md5 = hashlib.md5(usedforsecurity=False)
         self._file.flush()
-        with open(self.path, "rb") as handle:
-            left = self.size
-            while left > 0:
-                block = handle.read(min(PIECE_SIZE * 4, left))
-                if not block:
-                    raise OSError(errno.EIO, f"{self.path} is shorter than the bytes written")
-                md5.update(block)
-                left -= len(block)
+        fd, position = self._file.fileno(), 0
+        while position < self.size:
+            block = os.pread(fd, min(PIECE_SIZE * 4, self.size - position), position)
+            if not block:
+                raise OSError(errno.EIO, f"{self.path} is shorter than the bytes written")
+            md5.update(block)
+            position += len(block)
         self._md5 = md5
 
     def reset(self) -> None:
@@ -304,8 +317,17 @@ class Downloader:
         url_expired: Callable[[], bool],
         on_attempt: Callable[[int, str | None, int | None], Awaitable[None]],
         on_bytes: Callable[[int], None] = lambda n: None,
+        connections: int = 1,
+        segment_min: int = SEGMENT_MIN,
+        segments: SegmentState | None = None,
+        on_segments: Callable[[SegmentState | None], Awaitable[None]] | None = None,
+        root: Path | None = None,
     ) -> Transfer:
         """Stream ``url`` into ``part``, resuming it when ``etag`` says its bytes are still valid.
+
+        With ``connections`` above 1 the first GET asks ``Range: bytes=0-``; a 206 with a strong
+        ETag and a total above ``segment_min`` bytes is then fetched over up to ``connections``
+        connections (SPEC §4 "Segmented download"), its progress handed to ``on_segments``.
 
         Args:
             url: the signed URL, used byte for byte.
@@ -313,9 +335,18 @@ class Downloader:
             etag: ETag of the bytes already in ``part`` (``None``: start from 0).
             job_key: for error attribution.
             url_expired: returns True when the URL is known to be expired (checked before retries).
-            on_attempt: awaited with ``(offset, etag, total bytes or None)`` once a response is accepted, before its
-                body is written, so the caller can record the state and the ETag.
+            on_attempt: awaited with ``(offset, etag, total bytes or None)`` once a response is
+                accepted, before its body is written, so the caller can record the state and
+                the ETag (``offset``: bytes already in the ``.part``).
             on_bytes: called with each piece's size in bytes (progress).
+            connections: parallel connections for one package (1: a single stream).
+            segment_min: a package must be larger than this (bytes) to be segmented.
+            segments: the durable progress of an earlier segmented attempt with ``etag``
+                (from the state store); ``None``: none.
+            on_segments: awaited with each new :class:`SegmentState` to persist (coalesced: at
+                most one call at a time, the latest state wins), and with ``None`` when the
+                ``.part`` is no longer segmented (persist nothing).
+            root: the output dir: no folder below it is followed through a symlink.
 
         Returns:
             The :class:`Transfer`, with the ``.part`` complete as far as the server said.
@@ -326,34 +357,52 @@ class Downloader:
             StorageError: a non-retryable answer (404, 410, …).
             LocalIOError: the disk failed us.
         """
+        job = _Job(
+            url=url,
+            part=part,
+            root=root,
+            job_key=job_key,
+            url_expired=url_expired,
+            on_attempt=on_attempt,
+            on_bytes=on_bytes,
+            connections=max(1, connections),
+            segment_min=segment_min,
+            on_segments=on_segments or _ignore_segments,
+        )
         state = Transfer(etag=etag)
         holder = _SinkHolder()
         budget = self._retry.budget(job_key)
         try:
+            if segments is not None and etag is not None:
+                try:
+                    return await _Segmented(self, job, state, segments).run(None)
+                except _Retry as exc:  # the entity changed: one stream from 0
+                    await self._fall_back(job, state, exc, budget)
             while True:
                 offset = await self._resume_offset(part, state, holder.sink)
                 try:
-                    sink = await self._attempt(
-                        url, part, state, holder, offset, on_attempt, on_bytes
-                    )
-                    state.sha256, state.md5 = await _local(sink.finish)
-                    state.size = sink.size
-                    state.block_crcs = sink.block_crcs()
+                    done = await self._attempt(job, state, holder, offset)
+                    if isinstance(done, Transfer):
+                        return done
+                    state.sha256, state.md5 = await _local(done.finish)
+                    state.size = done.size
+                    state.block_crcs = done.block_crcs()
                     return state
                 except _Retry as exc:
+                    if exc.single:
+                        await self._fall_back(job, state, exc, budget)
+                        continue
                     if exc.restart:
                         state.etag = None
                     # The server's own wait (0-900 s) wins over the backoff.
                     await budget.spend(exc, retry_after=exc.retry_after, backoff=exc.delay)
-                    if url_expired():
-                        raise UrlRejected(
-                            "signed URL expired before the download could resume",
-                            code="url_expired",
-                            job_key=job_key,
-                        ) from None
-                except JobError as exc:
-                    exc.job_key = job_key
-                    raise
+                    self._check_expiry(job)
+        except JobError as exc:
+            exc.job_key = job_key
+            if holder.sink is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(holder.sink.discard_if_empty)
+            raise
         except BaseException:
             if holder.sink is not None:
                 with anyio.CancelScope(shield=True):
@@ -363,6 +412,25 @@ class Downloader:
             if holder.sink is not None:
                 with anyio.CancelScope(shield=True):  # flush what we have for a later resume
                     await anyio.to_thread.run_sync(holder.sink.close)
+
+    async def _fall_back(self, job: _Job, state: Transfer, exc: _Retry, budget: Any) -> None:
+        """Segments disagreed: forget them; the rest of this transfer is one stream from 0."""
+        log.info("job %s: %s; one stream from 0", job.job_key[:12], exc.message)
+        job.connections = 1
+        state.etag = None
+        state.expected_size = None
+        await job.on_segments(None)
+        await budget.spend(exc, backoff=False)
+        self._check_expiry(job)
+
+    @staticmethod
+    def _check_expiry(job: _Job) -> None:
+        if job.url_expired():
+            raise UrlRejected(
+                "signed URL expired before the download could resume",
+                code="url_expired",
+                job_key=job.job_key,
+            )
 
     async def _resume_offset(self, part: Path, state: Transfer, sink: _PartSink | None) -> int:
         if state.etag is None:
@@ -378,36 +446,46 @@ class Downloader:
             raise _local_io_error(exc, "") from None
 
     async def _attempt(
-        self,
-        url: str,
-        part: Path,
-        state: Transfer,
-        holder: _SinkHolder,
-        offset: int,
-        on_attempt: Callable[[int, str | None, int | None], Awaitable[None]],
-        on_bytes: Callable[[int], None],
-    ) -> _PartSink:
+        self, job: _Job, state: Transfer, holder: _SinkHolder, offset: int
+    ) -> _PartSink | Transfer:
         headers = {"Accept-Encoding": "identity"}
         if offset > 0 and state.etag:
             headers["Range"] = f"bytes={offset}-"
             headers["If-Range"] = state.etag
         else:
             offset = 0
+            if job.connections > 1:
+                headers["Range"] = "bytes=0-"  # a 206 says ranges are served (SPEC §4)
         try:
-            async with self._get(url, headers) as resp:
-                start = await self._accept(resp, state, offset)
+            async with self._get(job.url, headers) as resp:
+                start = await self._accept(
+                    resp, state, offset, whole=headers.get("Range") == "bytes=0-"
+                )
+                if resp.status == 206 and start == 0 and self._splits(job, state):
+                    total = state.expected_size
+                    assert total is not None
+                    await job.on_attempt(0, state.etag, total)
+                    await job.on_segments(SegmentState(total))
+                    return await _Segmented(self, job, state, SegmentState(total)).run(resp)
                 promised = state.expected_md5 is not None
                 if holder.sink is None:
                     holder.sink = await _local(
-                        functools.partial(_PartSink, part, start, md5=promised)
+                        functools.partial(_PartSink, job.part, start, md5=promised, root=job.root)
                     )
+                    if holder.sink.size != start:  # what was there is not ours to resume
+                        raise _Retry(
+                            "the .part was replaced; starting again from 0",
+                            code="part_replaced",
+                            restart=True,
+                            delay=False,
+                        )
                 elif holder.sink.size != start:
                     await _local(holder.sink.reset)
                 sink = holder.sink
                 if promised:
                     await _local(sink.want_md5)
-                await on_attempt(start, state.etag, state.expected_size)
-                await self._stream(resp, sink, on_bytes)
+                await job.on_attempt(start, state.etag, state.expected_size)
+                await self._stream(resp, sink, job.on_bytes)
                 if state.expected_size is not None and sink.size > state.expected_size:
                     raise _Retry(
                         f"storage sent {sink.size} bytes of a {state.expected_size}-byte entity",
@@ -431,18 +509,38 @@ class Downloader:
         except aiohttp.ClientPayloadError:
             raise _Retry("connection broke mid-body", code="truncated") from None
         except (aiohttp.ClientError, OSError) as exc:
-            fault = describe_failure(
-                exc, url=url, origin="storage", proxy=self._session.proxies.proxy_for(url)
-            )
-            if not fault.retryable:
-                raise StorageError(fault.message, code=fault.code) from None
-            raise _Retry(fault.message, code=fault.code) from None
+            raise self._network_failure(exc, job.url) from None
+
+    def _network_failure(self, exc: BaseException, url: str) -> JobError:
+        """A network error as a retryable ``_Retry`` or a final :class:`StorageError`."""
+        fault = describe_failure(
+            exc, url=url, origin="storage", proxy=self._session.proxies.proxy_for(url)
+        )
+        if not fault.retryable:
+            return StorageError(fault.message, code=fault.code)
+        return _Retry(fault.message, code=fault.code)
+
+    @staticmethod
+    def _splits(job: _Job, state: Transfer) -> bool:
+        """A whole-entity 206 worth splitting: strong ETag, total above ``segment_min``."""
+        total = state.expected_size
+        return (
+            job.connections > 1
+            and total is not None
+            and total > job.segment_min
+            and state.etag is not None
+        )
 
     def _get(self, url: str, headers: dict[str, str]) -> Any:
         return _RedirectingGet(self, url, headers)
 
-    async def _accept(self, resp: aiohttp.ClientResponse, state: Transfer, offset: int) -> int:
-        """Decide what the answer means; return the offset the body starts at."""
+    async def _accept(
+        self, resp: aiohttp.ClientResponse, state: Transfer, offset: int, *, whole: bool = False
+    ) -> int:
+        """Decide what the answer means; return the offset the body starts at.
+
+        ``whole``: the request asked ``bytes=0-`` (a 206 of the whole entity is then fine).
+        """
         status = resp.status
         if status in (400, 401, 403):
             body = await resp.content.read(16384)
@@ -473,6 +571,21 @@ class Downloader:
                 http_status=status,
             )
         etag = resp.headers.get("ETag")
+        if status == 206 and whole:  # our "bytes=0-": the whole entity, as a 206
+            entity = _whole_range(resp)
+            if entity is None:
+                raise _Retry(
+                    "storage answered bytes=0- with another range",
+                    code="bad_range",
+                    restart=True,
+                    delay=False,
+                    single=True,
+                )
+            state.expected_size = entity
+            state.expected_md5 = _promised_md5(resp, full=True)
+            state.etag = etag if etag and not etag.startswith("W/") else None
+            state.resumed_from = 0
+            return 0
         if status == 206:
             total = _fitting_range(resp, offset, etag, state)
             if total is None:
@@ -572,6 +685,42 @@ def _fitting_range(
     return total
 
 
+def _whole_range(resp: aiohttp.ClientResponse) -> int | None:
+    """Return the total of a 206 that holds the whole entity (``bytes 0-(n-1)/n``), else None."""
+    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+    if not match or match.group(3) == "*":
+        return None
+    first, last, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    if first != 0 or last != total - 1:
+        return None
+    length = resp.headers.get("Content-Length")
+    if length is not None and (not length.isdigit() or int(length) != total):
+        return None
+    return total
+
+
+def _range_answer(
+    resp: aiohttp.ClientResponse, start: int, stop: int, etag: str, total: int
+) -> str | None:
+    """Why a 206 does not answer ``bytes=start-(stop-1)`` of the ``total``-byte entity ``etag``.
+
+    None if it does.
+    """
+    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+    if not match or match.group(3) == "*":
+        return "no usable Content-Range"
+    if int(match.group(3)) != total:
+        return "the entity size changed between segments"
+    if (int(match.group(1)), int(match.group(2)) + 1) != (start, stop):
+        return f"a 206 for bytes {match.group(1)}-{match.group(2)}, not {start}-{stop - 1}"
+    if resp.headers.get("ETag") != etag:
+        return "the ETag changed between segments"
+    length = resp.headers.get("Content-Length")
+    if length is not None and (not length.isdigit() or int(length) != stop - start):
+        return "a Content-Length that disagrees with its Content-Range"
+    return None
+
+
 class _RedirectingGet:
     """``async with``: GET a URL byte for byte, following up to 5 redirects to allowed URLs only."""
 
@@ -628,11 +777,13 @@ class _Retry(JobError):
         restart: bool = False,
         delay: bool = True,
         retry_after: float | None = None,
+        single: bool = False,
     ) -> None:
         super().__init__(message, code=code, http_status=http_status)
-        self.restart = restart
+        self.restart = restart or single
         self.delay = delay
         self.retry_after = retry_after
+        self.single = single  # segments disagree: one stream from 0 for the rest
 
 
 def _promised_md5(resp: aiohttp.ClientResponse, *, full: bool) -> str | None:
@@ -696,19 +847,53 @@ async def _local(fn: Callable[..., Any], *args: Any) -> Any:
         raise _local_io_error(exc, "") from None
 
 
+#: ``errno`` -> error code of a local failure; anything else is ``local_io``.
+_LOCAL_CODES = {
+    errno.ENOSPC: "disk_full",
+    errno.EDQUOT: "disk_full",
+    errno.EROFS: "read_only_output",
+    errno.EACCES: "permission_denied",
+    errno.EPERM: "permission_denied",
+    errno.EMFILE: "too_many_open_files",
+    errno.ENFILE: "too_many_open_files",
+    errno.ENAMETOOLONG: "path_too_long",
+}
+
+
 def _local_io_error(exc: OSError, job_key: str) -> LocalIOError:
-    code = {
-        errno.ENOSPC: "disk_full",
-        errno.EDQUOT: "disk_full",
-        errno.EROFS: "read_only_output",
-        errno.EACCES: "permission_denied",
-        errno.EPERM: "permission_denied",
-    }.get(exc.errno or 0, "local_io")
+    """Translate a local OS error; a :class:`PathProblem` keeps its own code and message.
+
+    ``too_many_open_files`` (EMFILE/ENFILE) is a passing condition of the process, not of the
+    package or the disk: callers may back off and try again.
+    """
+    if isinstance(exc, PathProblem):
+        return LocalIOError(
+            f"cannot write the package: {exc.strerror}", code=exc.code, job_key=job_key
+        )
+    code = _LOCAL_CODES.get(exc.errno or 0, "local_io")
     return LocalIOError(
         f"cannot write the package: {os.strerror(exc.errno) if exc.errno else type(exc).__name__}",
         code=code,
         job_key=job_key,
     )
+
+
+def _open_part(part: Path, root: Path | None, *, keep: bool) -> tuple[int, bool]:
+    """Open ``part`` read-write, never through a symlink (see :mod:`batch_export.safepath`).
+
+    Returns ``(fd, kept)``: ``kept`` says whether its earlier bytes were kept.
+    """
+    dir_fd = open_dir(part.parent, root)
+    try:
+        return open_file(dir_fd, part.name, keep=keep)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_part(part: Path) -> BinaryIO:
+    """Open ``part`` for reading, never through a symlink (its last component)."""
+    fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY)
+    return os.fdopen(fd, "rb")
 
 
 def verify_package(part: Path, transfer: Transfer) -> None:
@@ -731,23 +916,33 @@ def verify_package(part: Path, transfer: Transfer) -> None:
         )
     if transfer.expected_md5 and transfer.md5 != transfer.expected_md5:
         raise VerificationError("MD5 of the bytes does not match the server's", code="md5_mismatch")
-    try:
-        with open(part, "rb") as handle:
-            signature = handle.read(4)
+    try:  # both handles first: a failure to open is about this process, never about the zip
+        archive_file, handle = _read_part(part), _read_part(part)
     except OSError as exc:
         raise _local_io_error(exc, "") from None
-    if signature not in _ZIP_SIGNATURES:
-        raise VerificationError("the body is not a zip package", code="not_a_zip")
-    blocks = transfer.block_crcs
-    if blocks is not None and len(blocks) != -(-transfer.size // CRC_BLOCK):
-        blocks = None  # not the bytes in the file: read them instead
-    try:
-        with zipfile.ZipFile(part) as archive, open(part, "rb") as handle:
-            bad = _test_members(archive, handle, blocks)
-    except Exception as exc:  # zipfile raises many types on hostile input
-        raise VerificationError(
-            f"the zip package is unreadable ({type(exc).__name__})", code="bad_zip"
-        ) from None
+    with archive_file, handle:
+        try:
+            signature = handle.read(4)
+        except OSError as exc:
+            raise _local_io_error(exc, "") from None
+        if signature not in _ZIP_SIGNATURES:
+            raise VerificationError("the body is not a zip package", code="not_a_zip")
+        blocks = transfer.block_crcs
+        if blocks is not None and len(blocks) != -(-transfer.size // CRC_BLOCK):
+            blocks = None  # not the bytes in the file: read them instead
+        try:
+            with zipfile.ZipFile(archive_file) as archive:
+                bad = _test_members(archive, handle, blocks)
+        except OSError as exc:
+            if exc.errno in _READ_ERRNOS:  # the disk or the process, not the bytes
+                raise _local_io_error(exc, "") from None
+            raise VerificationError(
+                f"the zip package is unreadable ({type(exc).__name__})", code="bad_zip"
+            ) from None
+        except Exception as exc:  # zipfile raises many types on hostile input
+            raise VerificationError(
+                f"the zip package is unreadable ({type(exc).__name__})", code="bad_zip"
+            ) from None
     if bad is not None:
         raise VerificationError(f"CRC check failed for member {bad[:200]!r}", code="zip_crc")
 
@@ -847,32 +1042,526 @@ def _shift_crc(crc: int) -> int:
     return t0[crc & 0xFF] ^ t1[(crc >> 8) & 0xFF] ^ t2[(crc >> 16) & 0xFF] ^ t3[crc >> 24]
 
 
-def commit_part(part: Path, final: Path) -> None:
+def commit_part(part: Path, final: Path, *, root: Path | None = None) -> None:
     """Fsync'ed ``.part`` -> ``final`` atomically, then fsync the folder (worker thread).
+
+    No folder below ``root`` (the output dir) is followed through a symlink; a symlink at
+    ``final`` is replaced, not followed.
 
     Raises:
         LocalIOError: the rename or the folder fsync failed.
     """
     try:
-        os.replace(part, final)
-        fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        dir_fd = open_dir(final.parent, root)
         try:
-            os.fsync(fd)
+            replace_in(dir_fd, part.name, final.name)
+            os.fsync(dir_fd)
         finally:
-            os.close(fd)
+            os.close(dir_fd)
     except OSError as exc:
         raise _local_io_error(exc, "") from None
 
 
-def discard_part(part: Path) -> None:
-    """Remove a ``.part`` (no error if it is gone).
+def discard_part(part: Path, *, root: Path | None = None) -> None:
+    """Remove a ``.part`` (no error if it is gone); a symlink there is removed, not followed.
 
     Raises:
         LocalIOError: it is there and cannot be removed.
     """
     try:
-        part.unlink()
+        if not part.parent.is_dir():
+            return
+        dir_fd = open_dir(part.parent, root)
+        try:
+            unlink_in(dir_fd, part.name)
+        finally:
+            os.close(dir_fd)
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise _local_io_error(exc, "") from None
+
+
+# --------------------------------------------------------------------------- segmented download
+
+
+@dataclass(slots=True)
+class _Job:
+    """One call of :meth:`Downloader.transfer`: what it fetches and whom it tells."""
+
+    url: str
+    part: Path
+    root: Path | None
+    job_key: str
+    url_expired: Callable[[], bool]
+    on_attempt: Callable[[int, str | None, int | None], Awaitable[None]]
+    on_bytes: Callable[[int], None]
+    connections: int
+    segment_min: int
+    on_segments: Callable[[SegmentState | None], Awaitable[None]]
+
+
+async def _ignore_segments(state: SegmentState | None) -> None:
+    """The default ``on_segments``: persist nothing."""
+
+
+def _load_fallocate() -> Callable[[int, int], None] | None:
+    """``fallocate(fd, 0, 0, size)`` from the C library (Linux), or None where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        native = libc.fallocate64
+    except (OSError, AttributeError):
+        return None
+    native.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+    def fallocate(fd: int, size: int) -> None:
+        if native(fd, 0, 0, size) != 0:
+            number = ctypes.get_errno()
+            raise OSError(number, os.strerror(number))
+
+    return fallocate
+
+
+_FALLOCATE = _load_fallocate()
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Give the file ``size`` bytes: reserved where the file system allows, else sparse."""
+    if os.fstat(fd).st_size >= size:
+        return
+    if _FALLOCATE is not None:
+        try:
+            _FALLOCATE(fd, size)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+    os.ftruncate(fd, size)
+
+
+class _RangeSink:
+    """The ``.part`` of a segmented download; every method runs in a worker thread.
+
+    Connections write whole :data:`CRC_BLOCK` blocks at their offsets (``pwrite``), each block's
+    CRC-32 computed by its writer. SHA-256 (and MD5 once promised) follow the contiguous prefix
+    from byte 0 (SPEC §4): the writer whose piece extends the prefix hashes it from memory, and
+    bytes that other connections wrote beyond the prefix are read back (from the page cache)
+    once the prefix reaches them. One thread at a time hashes; the others keep writing.
+
+    Args:
+        part: the ``.part`` path.
+        root: the output dir (no symlinked folder below it is followed).
+        state: what an earlier attempt left on disk (kept only if the file is still ours).
+        md5: keep an MD5 too.
+    """
+
+    def __init__(self, part: Path, root: Path | None, state: SegmentState, *, md5: bool) -> None:
+        fd, kept = _open_part(part, root, keep=bool(state.done))
+        self._fd = fd
+        self.kept = kept
+        self.total = state.total
+        self._done: Ranges = state.done if kept else ()
+        self._sha = hashlib.sha256()
+        self._md5: Any = hashlib.md5(usedforsecurity=False) if md5 else None
+        self._hashed = 0
+        self._written_back = 0
+        self._crcs: list[int | None] = [None] * -(-state.total // CRC_BLOCK)
+        self._lock = threading.Lock()
+        self._hashing = False
+        self._buffer: bytearray | None = None
+        try:
+            _preallocate(fd, state.total)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` (whole CRC blocks, or the entity's last bytes) at ``offset``."""
+        position = 0
+        while position < len(data):
+            position += os.pwrite(self._fd, data[position:], offset + position)
+        for i in range(0, len(data), CRC_BLOCK):
+            self._crcs[(offset + i) // CRC_BLOCK] = zlib.crc32(data[i : i + CRC_BLOCK])
+        with self._lock:
+            self._done = add_range(self._done, offset, offset + len(data))
+            if self._hashing:
+                return  # the thread hashing now reaches these bytes (or reads them back)
+            self._hashing = True
+        self._follow(offset, data)
+
+    def catch_up(self) -> None:
+        """Hash the prefix as far as it is on disk (e.g. what an earlier run left)."""
+        with self._lock:
+            if self._hashing:
+                return
+            self._hashing = True
+        self._follow(0, memoryview(b""))
+
+    def _follow(self, offset: int, data: memoryview) -> None:
+        """Hash the prefix as far as it reaches; this thread holds the hashing role."""
+        try:
+            while True:
+                with self._lock:
+                    done = self._done
+                    reach = done[0][1] if done and done[0][0] == 0 else 0
+                    if reach <= self._hashed:
+                        self._hashing = False
+                        return
+                start = self._hashed
+                if offset <= start < offset + len(data):
+                    piece = data[start - offset : min(reach, offset + len(data)) - offset]
+                    self._digest(piece)
+                    self._hashed = start + len(piece)
+                else:
+                    self._read_back(start, reach)
+                self._write_back()
+        except BaseException:
+            with self._lock:
+                self._hashing = False
+            raise
+
+    def _read_back(self, start: int, stop: int) -> None:
+        if self._buffer is None:
+            self._buffer = bytearray(4 * PIECE_SIZE)
+        view = memoryview(self._buffer)
+        position = start
+        while position < stop:
+            count = os.preadv(self._fd, [view[: min(len(view), stop - position)]], position)
+            if count <= 0:
+                raise OSError(errno.EIO, "the .part is shorter than the bytes written to it")
+            chunk = view[:count]
+            for i in range(0, count, CRC_BLOCK):
+                index, at = divmod(position + i, CRC_BLOCK)
+                block = chunk[i : i + CRC_BLOCK]
+                whole = len(block) == CRC_BLOCK or position + i + len(block) == self.total
+                if self._crcs[index] is None and at == 0 and whole:
+                    self._crcs[index] = zlib.crc32(block)
+            self._digest(chunk)
+            position += count
+            self._hashed = position
+
+    def _digest(self, data: memoryview) -> None:
+        self._sha.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
+
+    def _write_back(self) -> None:
+        """Start writeback of what is written and hashed (see ``_PartSink._start_writeback``)."""
+        if _FADVISE is None or self._hashed - self._written_back < _WRITEBACK_WINDOW:
+            return
+        start, self._written_back = self._written_back, self._hashed
+        try:
+            _FADVISE(self._fd, start, self._hashed - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advice only
+
+    def finish(self) -> tuple[str, str]:
+        """Hash what is left, fsync; return ``(sha256, md5)`` hex digests (md5 "" if not kept).
+
+        Raises:
+            OSError: the ``.part`` is not whole, or the fsync failed.
+        """
+        self.catch_up()
+        if self._hashed != self.total:
+            raise OSError(errno.EIO, "the .part is not whole")
+        os.fsync(self._fd)
+        return self._sha.hexdigest(), "" if self._md5 is None else self._md5.hexdigest()
+
+    def block_crcs(self) -> list[int] | None:
+        """CRC-32 of each :data:`CRC_BLOCK` block; None if one is unknown (read them instead)."""
+        if any(crc is None for crc in self._crcs):
+            return None
+        return [crc for crc in self._crcs if crc is not None]
+
+    def close(self) -> None:
+        """Close the file (idempotent; never raises)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@dataclass(slots=True)
+class _Claim:
+    """A range one connection is fetching: ``[start, stop)``, on disk up to ``reached``."""
+
+    start: int
+    stop: int
+    reached: int
+
+
+#: Exceptions of a failed segmented download, most telling first (the one re-raised).
+_PRIORITY: tuple[type[BaseException], ...] = (
+    LocalIOError,
+    UrlRejected,
+    StorageError,
+    JobError,
+)
+
+
+class _Segmented:
+    """One segmented download: ranges of one URL over up to ``connections`` connections.
+
+    Each connection claims the next missing range (:class:`~batch_export.segments.Schedule`),
+    GETs it with ``If-Range``, checks the answer is that range of the same entity (ETag, total),
+    and writes it at its offset. A connection that breaks or stalls gives the rest of its range
+    back and retries (its own budget, refilled after each range it completes) while the others
+    go on. A disagreement (200, other ETag or total, 416, wrong range) raises
+    ``_Retry(single=True)``: the caller falls back to one stream from 0. Progress is handed to
+    ``on_segments`` (coalesced) as pieces reach the disk, and once more at the end.
+    """
+
+    def __init__(
+        self, downloader: Downloader, job: _Job, state: Transfer, progress: SegmentState
+    ) -> None:
+        self._d = downloader
+        self._job = job
+        self._state = state
+        self._etag = state.etag or ""
+        self._total = progress.total
+        self._schedule = Schedule(
+            progress,
+            connections=job.connections,
+            unit_min=min(UNIT_MIN, max(CRC_BLOCK, job.segment_min)),
+            align=CRC_BLOCK,
+        )
+        self._sink: _RangeSink | None = None
+        self._sink_lock = anyio.Lock()
+        self._dirty = anyio.Event()
+        self._saved: SegmentState | None = progress
+        self._announced = False
+
+    async def run(self, first: aiohttp.ClientResponse | None) -> Transfer:
+        """Fetch every missing range; ``first`` is the open answer to ``bytes=0-``, if any.
+
+        Raises:
+            _Retry: ``single``: the segments disagree (fall back to one stream from 0).
+            UrlRejected, RetriesExhausted, StorageError, LocalIOError: as for ``transfer``.
+        """
+        self._announced = first is not None
+        try:
+            try:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self._recorder)
+                    async with anyio.create_task_group() as workers:
+                        claims = 0
+                        if first is not None:
+                            claim = self._schedule.claim()
+                            assert claim is not None and claim[0] == 0
+                            await self._ensure_sink()
+                            workers.start_soon(self._worker, first, _Claim(*claim, claim[0]))
+                            claims = 1
+                        for _ in range(self._job.connections - claims):
+                            workers.start_soon(self._worker, None, None)
+                    group.cancel_scope.cancel()
+            except BaseExceptionGroup as group_error:
+                raise _most_telling(group_error) from None
+            if self._sink is None:  # nothing was missing: no request at all
+                await self._ensure_sink()
+            assert self._sink is not None
+            if not self._schedule.complete:
+                raise _Retry("segments left unfetched", code="truncated")
+            sha256, md5 = await _local(self._sink.finish)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._save()
+                if self._sink is not None:
+                    await anyio.to_thread.run_sync(self._sink.close)
+        state = self._state
+        state.size = state.expected_size = self._total
+        state.sha256, state.md5 = sha256, md5
+        state.block_crcs = self._sink.block_crcs()
+        state.resumed_from = 0
+        return state
+
+    async def _recorder(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = anyio.Event()
+            await self._save()
+
+    async def _save(self) -> None:
+        snapshot = self._schedule.state
+        if snapshot != self._saved:
+            self._saved = snapshot
+            await self._job.on_segments(snapshot)
+
+    async def _ensure_sink(self) -> _RangeSink:
+        async with self._sink_lock:
+            if self._sink is None:
+                md5 = self._state.expected_md5 is not None
+                progress = self._schedule.state
+                sink = await _local(
+                    functools.partial(_RangeSink, self._job.part, self._job.root, progress, md5=md5)
+                )
+                if progress.done and not sink.kept:
+                    await anyio.to_thread.run_sync(sink.close)
+                    raise _Retry(
+                        "the .part was replaced", code="part_replaced", single=True, delay=False
+                    )
+                self._sink = sink
+            return self._sink
+
+    async def _worker(self, first: aiohttp.ClientResponse | None, claim: _Claim | None) -> None:
+        budget = self._d._retry.budget(self._job.job_key)
+        while True:
+            if claim is None:
+                taken = self._schedule.claim()
+                if taken is None:
+                    return
+                claim = _Claim(*taken, taken[0])
+            try:
+                if first is not None:
+                    response, first = first, None
+                    try:
+                        await self._copy(response, claim)
+                    finally:
+                        response.release()
+                else:
+                    await self._fetch(claim)
+            except _Retry as exc:
+                self._schedule.release(claim.reached, claim.stop)
+                claim = None
+                if exc.single:
+                    raise
+                await budget.spend(exc, retry_after=exc.retry_after, backoff=exc.delay)
+                Downloader._check_expiry(self._job)
+                continue
+            except BaseException:
+                self._schedule.release(claim.reached, claim.stop)
+                raise
+            claim = None
+            budget = self._d._retry.budget(self._job.job_key)
+
+    async def _fetch(self, claim: _Claim) -> None:
+        headers = {
+            "Accept-Encoding": "identity",
+            "Range": f"bytes={claim.reached}-{claim.stop - 1}",
+            "If-Range": self._etag,
+        }
+        try:
+            async with self._d._get(self._job.url, headers) as resp:
+                await self._check(resp, claim.reached, claim.stop)
+                await self._ensure_sink()
+                if not self._announced:
+                    self._announced = True
+                    await self._job.on_attempt(
+                        self._schedule.state.done_bytes, self._etag, self._total
+                    )
+                await self._copy(resp, claim)
+        except (_Retry, JobError):
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise _Retry(
+                "no data from storage for read_timeout (stalled)", code="stalled"
+            ) from None
+        except aiohttp.ClientPayloadError:
+            raise _Retry("connection broke mid-body", code="truncated") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._d._network_failure(exc, self._job.url) from None
+
+    async def _check(self, resp: aiohttp.ClientResponse, start: int, stop: int) -> None:
+        """Raise unless ``resp`` is the 206 for ``[start, stop)`` of the entity begun with."""
+        status = resp.status
+        if status == 206:
+            why = _range_answer(resp, start, stop, self._etag, self._total)
+            if why is None and not resp.headers.get("Content-Type", "").lower().startswith(
+                "text/html"
+            ):
+                if self._state.expected_md5 is None and self._sink is None:
+                    self._state.expected_md5 = _promised_md5(resp, full=False)
+                return
+            if why is None:
+                raise _Retry("storage answered an HTML page", code="html_body", http_status=206)
+            raise _Retry(f"segments disagree: {why}", code="segment_mismatch", single=True)
+        if status == 416:
+            raise _Retry("storage refused a segment's range (416)", code="bad_range", single=True)
+        if status == 200:
+            raise _Retry(
+                "storage answered a range request with the whole entity (changed, or no ranges)",
+                code="range_ignored",
+                single=True,
+            )
+        await self._d._accept(resp, Transfer(), start)  # raises for every other status
+        raise _Retry(f"storage answered HTTP {status}", code=f"http_{status}", single=True)
+
+    async def _copy(self, resp: aiohttp.ClientResponse, claim: _Claim) -> None:
+        """Write the body's bytes for ``[claim.reached, claim.stop)`` at their offsets.
+
+        Pieces of :data:`PIECE_SIZE` bytes (whole CRC blocks) are gathered in two reused
+        buffers: one is written (worker thread) while the other fills. Stops reading at
+        ``claim.stop``. On a failure, what was received is still written up to the last whole
+        block (the rest is fetched again).
+        """
+        sink = self._sink
+        assert sink is not None
+        buffers = (bytearray(PIECE_SIZE), bytearray(PIECE_SIZE))
+        which, fill, piece_start = 0, 0, claim.reached
+        pending: asyncio.Task[None] | None = None
+        ok = False
+        try:
+            async for chunk in resp.content.iter_any():
+                view = memoryview(chunk)
+                while view:
+                    count = min(PIECE_SIZE - fill, len(view), claim.stop - piece_start - fill)
+                    buffers[which][fill : fill + count] = view[:count]
+                    fill += count
+                    view = view[count:]
+                    if fill == PIECE_SIZE or piece_start + fill == claim.stop:
+                        if pending is not None:
+                            await asyncio.shield(pending)
+                        piece = memoryview(buffers[which])[:fill]
+                        pending = asyncio.ensure_future(self._put(claim, piece_start, piece))
+                        which, piece_start, fill = which ^ 1, piece_start + fill, 0
+                    if piece_start == claim.stop:
+                        break
+                if piece_start == claim.stop:
+                    break
+            ok = piece_start == claim.stop
+        finally:
+            with anyio.CancelScope(shield=True):
+                if pending is not None:
+                    await pending  # a failed write raises here
+                if fill and not ok:
+                    end = piece_start + fill
+                    keep = fill if end == self._total else fill - fill % CRC_BLOCK
+                    if keep:
+                        await self._put(claim, piece_start, memoryview(buffers[which])[:keep])
+        if not ok:
+            raise _Retry(
+                f"storage sent {claim.reached - claim.start} of the "
+                f"{claim.stop - claim.start} bytes of a segment",
+                code="truncated",
+            )
+
+    async def _put(self, claim: _Claim, offset: int, piece: memoryview) -> None:
+        assert self._sink is not None
+        await _local(self._sink.write, offset, piece)
+        claim.reached = offset + len(piece)
+        self._schedule.progress(offset, offset + len(piece))
+        self._job.on_bytes(len(piece))
+        self._dirty.set()
+
+
+def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception of a failed task group to re-raise (a cancellation or bug wins)."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    for leaf in leaves:
+        if not isinstance(leaf, JobError):
+            return leaf
+    for kind in _PRIORITY:
+        for leaf in leaves:
+            if isinstance(leaf, kind) and not (isinstance(leaf, _Retry) and not leaf.single):
+                return leaf
+    return leaves[0]

@@ -871,14 +871,10 @@ async def test_disk_full_fails_the_job_removes_the_part_and_stops_new_downloads(
 async def test_unwritable_output_dir_fails_clearly_and_stops_new_downloads(
     sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_open = open
+    def refusing_open(dir_fd: int, name: str, *, keep: bool) -> Any:
+        raise OSError(errno.EROFS, "Read-only file system", name)
 
-    def refusing_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if str(path).endswith(".part") and ("w" in mode or "+" in mode):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(download, "open", refusing_open, raising=False)
+    monkeypatch.setattr(download, "open_file", refusing_open)
     run = await run_with(sandbox, tmp_path, lambda s: [], jobs=3, downloads=1)
     outcomes = [j.outcome for j in run.result.jobs]
     assert outcomes.count(Outcome.FAILED) == 1 and outcomes.count(Outcome.PENDING) == 2

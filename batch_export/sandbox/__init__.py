@@ -23,6 +23,7 @@ from batch_export.sandbox.faults import (
     ListingContext,
     ListingPlan,
     ScriptedResponse,
+    SegmentFault,
     StorageContext,
     StoragePlan,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "Sandbox",
     "SandboxConfig",
     "ScriptedResponse",
+    "SegmentFault",
     "Selection",
     "StorageContext",
     "StoragePlan",

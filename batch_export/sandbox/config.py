@@ -34,6 +34,8 @@ class SandboxConfig:
         cut_after_bytes: Storage fault: the first ``cut_times`` GETs of each package announce the
             full ``Content-Length``, send this many body bytes, then close the connection.
         cut_times: How many GETs of each package are cut (see ``cut_after_bytes``).
+        storage_rate: Bandwidth cap of each storage response, i.e. of each connection (bytes/s,
+            real time), as object stores cap each connection; ``None``: no cap.
         corrupt_insights: Insight ids whose packages have one flipped byte inside a member's data;
             ``Content-Length`` and the MD5 ``ETag`` describe the corrupted bytes, so only the zip
             CRC check catches it.
@@ -58,6 +60,7 @@ class SandboxConfig:
     url_lifetime: float = 3600.0
     cut_after_bytes: int | None = None
     cut_times: int = 1
+    storage_rate: float | None = None
     corrupt_insights: frozenset[str] = frozenset()
     fail_insights: frozenset[str] = frozenset()
     denied_aois: frozenset[str] = frozenset()
@@ -78,6 +81,8 @@ class SandboxConfig:
             raise ValueError("new_insight_every must be > 0 seconds, or None for never")
         if self.rate is not None and self.rate <= 0:
             raise ValueError("rate must be > 0 requests/s, or None for unlimited")
+        if self.storage_rate is not None and self.storage_rate <= 0:
+            raise ValueError("storage_rate must be > 0 bytes/s, or None for no cap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,8 @@ class RecordedRequest:
             for package bytes).
         fault: Name of the fault a hook injected into this request (see
             :func:`~batch_export.sandbox.faults.note_fault`); ``""`` for none.
+        bytes_sent: Package bytes handed to the connection for this answer (bytes; what a
+            storage bill counts).
     """
 
     origin: str
@@ -110,6 +117,7 @@ class RecordedRequest:
     at: float
     response_body: bytes = b""
     fault: str = ""
+    bytes_sent: int = 0
 
     def header(self, name: str) -> str | None:
         """Return the first value of header ``name`` (case-insensitive), or ``None``."""

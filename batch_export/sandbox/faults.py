@@ -50,6 +50,7 @@ __all__ = [
     "ListingContext",
     "ListingPlan",
     "ScriptedResponse",
+    "SegmentFault",
     "StorageContext",
     "StoragePlan",
     "note_fault",
@@ -303,6 +304,63 @@ class ConfigFaults(FaultHook):
         config = self._config()
         if config.cut_after_bytes is not None and ctx.attempt <= config.cut_times:
             plan.cut_after_bytes = config.cut_after_bytes
+
+
+class SegmentFault(FaultHook):
+    """A fault that hits chosen connections of a segmented download, not the whole package.
+
+    A GET is a *segment* GET when its ``Range`` starts after byte 0 (the first GET of a
+    segmented download asks ``bytes=0-``). The chosen ones get their plan changed by
+    ``adjust`` (e.g. a cut after some bytes with a reset, a stall, another ``ETag``).
+
+    Args:
+        adjust: Changes the :class:`StoragePlan` of a chosen GET in place.
+        nth: Which segment GETs are chosen (1-based, in order of arrival); empty: every one.
+        start: Only segment GETs whose ``Range`` starts at this byte; ``None``: any.
+        name: What :func:`note_fault` records for a chosen GET.
+
+    Attributes:
+        hits: ``Range`` header of each chosen GET, in order.
+    """
+
+    def __init__(
+        self,
+        adjust: Callable[[StoragePlan], None],
+        *,
+        nth: tuple[int, ...] = (),
+        start: int | None = None,
+        name: str = "segment_fault",
+    ) -> None:
+        self._adjust = adjust
+        self._nth = nth
+        self._start = start
+        self._name = name
+        self._seen = 0
+        self.hits: list[str] = []
+
+    def storage_plan(self, ctx: StorageContext, plan: StoragePlan) -> None:
+        """Adjust the plan of the chosen segment GETs."""
+        header = ctx.request.headers.get("Range", "")
+        first = _range_start(header)
+        if not first:
+            return
+        if self._start is not None and first != self._start:
+            return
+        self._seen += 1
+        if self._nth and self._seen not in self._nth:
+            return
+        self.hits.append(header)
+        note_fault(ctx.request, self._name)
+        self._adjust(plan)
+
+
+def _range_start(header: str) -> int | None:
+    """First byte of a ``bytes=N-...`` header, or None."""
+    unit, _, spec = header.partition("=")
+    first = spec.partition("-")[0].strip()
+    if unit.strip().lower() != "bytes" or not first.isdigit():
+        return None
+    return int(first)
 
 
 class Faults:

@@ -69,6 +69,7 @@ API_PATH = "/v0/aoi/{aoi_id}/insights/{insight_id}/download"
 _MAX_PARALLEL_BUILDS = 4
 _EPSILON = 1e-6  # float slack: wall-clock seconds near 1.8e9 carry ~2e-7 s of rounding
 _STATUS = STATUS_KEY
+_SENT = web.RequestKey("sandbox_bytes_sent", int)
 
 access_logger = logging.getLogger("batch_export.sandbox.access")
 
@@ -447,6 +448,7 @@ class Sandbox:
                     status=status,
                     response_body=answer if isinstance(answer, bytes) else b"",
                     fault=request.get(FAULT_KEY, ""),
+                    bytes_sent=request.get(_SENT, 0),
                 )
                 sandbox._replace_record(entry, final)
                 sandbox._active -= 1
@@ -772,7 +774,15 @@ class Sandbox:
             flip_at = plan.flip_byte_at
             if flip_at is not None and flip_at < 0:
                 flip_at = to_send // 2
-            await self._stream(response, built, first, to_send, flip_at=flip_at)
+            await self._stream(
+                request,
+                response,
+                built,
+                first,
+                to_send,
+                flip_at=flip_at,
+                rate=self.config.storage_rate,
+            )
         except ConnectionError:
             return response  # the client went away; nothing more to send
         if plan.chunked:
@@ -783,29 +793,39 @@ class Sandbox:
 
     @staticmethod
     async def _stream(
+        request: web.Request,
         response: web.StreamResponse,
         built: BuiltPackage,
         offset: int,
         count: int,
         *,
         flip_at: int | None = None,
+        rate: float | None = None,
     ) -> None:
         """Send ``count`` bytes of the package file from ``offset``, 1 MiB at a time.
 
         ``flip_at``: index (among the bytes sent) of a byte sent with its lowest bit flipped.
+        ``rate``: at most this many bytes/s (real time), in pieces of a twentieth of a second.
+        The bytes handed to the connection so far are kept in the request (``bytes_sent``).
         """
+        loop = asyncio.get_running_loop()
+        piece_size = CHUNK_SIZE if rate is None else max(1, min(CHUNK_SIZE, int(rate / 20)))
         handle: BinaryIO = await asyncio.to_thread(built.path.open, "rb")
         try:
             await asyncio.to_thread(handle.seek, offset)
             sent = 0
+            started = loop.time()
             while sent < count:
-                piece = await asyncio.to_thread(handle.read, min(CHUNK_SIZE, count - sent))
+                piece = await asyncio.to_thread(handle.read, min(piece_size, count - sent))
                 if not piece:
                     raise ConnectionResetError("package file shrank while streaming")
                 if flip_at is not None and sent <= flip_at < sent + len(piece):
                     spoiled = bytearray(piece)
                     spoiled[flip_at - sent] ^= 0x01
                     piece = bytes(spoiled)
+                if rate is not None:
+                    await asyncio.sleep(max(0.0, started + sent / rate - loop.time()))
+                request[_SENT] = sent + len(piece)  # handed over, whatever the peer does next
                 await response.write(piece)
                 sent += len(piece)
         finally:

@@ -269,7 +269,7 @@ class PixxelClient:
         params: Mapping[str, str] | None = None,
         deadline: float,
         job_key: str = "",
-        validate: Callable[[ApiAnswer], None] | None = None,
+        validate: Callable[[Any], None] | None = None,
     ) -> ApiAnswer:
         """Send one API request until it gets a usable 2xx JSON answer.
 
@@ -282,8 +282,9 @@ class PixxelClient:
             deadline: monotonic time (seconds) after which no turn is waited for and no request
                 is started or kept running (``poll_timeout``).
             job_key: for error attribution ("" for requests of no one job).
-            validate: called with each 2xx answer; raises ``ValueError(reason)`` when the caller
-                cannot use it (retried like a 5xx, code ``bad_response``).
+            validate: called with each 2xx answer's parsed document; raises
+                ``ValueError(reason)`` when the caller cannot use it (retried like a 5xx, code
+                ``bad_response``, message ``API answered <status> <reason>``).
 
         Returns:
             The answer; ``doc`` is the parsed JSON (an empty body is ``None``).
@@ -301,6 +302,7 @@ class PixxelClient:
         headers = {"Authorization": self._key}
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        _refuse_key_in_clear(url, self._session, job_key)
         budget = self._retry.budget(job_key)
         while True:
             if not await self._limiter.acquire(deadline=deadline):
@@ -542,18 +544,34 @@ def _deeper_than(doc: Any, limit: int) -> bool:
     return False
 
 
-def _validated(answer: ApiAnswer, validate: Callable[[ApiAnswer], None]) -> None:
+def _refuse_key_in_clear(url: URL, session: HttpSession, job_key: str) -> None:
+    """Refuse to send the key through a proxy outside a TLS tunnel (plain-http API URL).
+
+    Raises:
+        ApiError: code ``proxy_plain_http``.
+    """
+    proxy = session.proxies.proxy_for(url)
+    if proxy is not None and url.scheme == "http":
+        raise ApiError(
+            f"the API URL is plain http and {proxy.source} sends it through the proxy "
+            f"{proxy.address}: the key would reach the proxy in clear; use https, or list the "
+            "API host in NO_PROXY",
+            code="proxy_plain_http",
+            job_key=job_key,
+        )
+
+
+def _validated(answer: ApiAnswer, validate: Callable[[Any], None]) -> None:
     try:
-        validate(answer)
+        validate(answer.doc)
     except ValueError as exc:
         raise _Retryable(
             f"API answered {answer.status} {exc}", code="bad_response", http_status=answer.status
         ) from None
 
 
-def _check_status(answer: ApiAnswer) -> None:
-    """Raise ValueError unless ``answer`` is a status document (string status and signed_url)."""
-    doc = answer.doc
+def _check_status(doc: Any) -> None:
+    """Raise ValueError unless ``doc`` is a status document (string status and signed_url)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("status"), str):
         raise ValueError("without a string 'status'")
     if doc.get("signed_url") is not None and not isinstance(doc["signed_url"], str):

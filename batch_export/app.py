@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import anyio
 
 from batch_export.errors import BatchExportError, UsageError
+from batch_export.http import check_environment
 from batch_export.lifecycle import job_key, shard_of
 from batch_export.lock import StateLock
 from batch_export.logs import configure_logging
@@ -329,6 +330,7 @@ def execute_run(manifest: Manifest, options: RunOptions) -> int:
                 print(line)
             return 0
         api_key = options.api_key or resolve_api_key(manifest)
+        check_environment()  # proxy and CA variables: a bad one is a usage error
         for option, path in (
             ("--report", options.report),
             ("--metrics-file", options.metrics_file),

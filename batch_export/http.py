@@ -53,6 +53,7 @@ __all__ = [
     "Proxy",
     "ProxyRules",
     "Sessions",
+    "check_environment",
     "describe_failure",
     "open_sessions",
     "tls_context",
@@ -257,8 +258,18 @@ def tls_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=cafile, capath=capath)
     except (OSError, ssl.SSLError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a PEM bundle"
+        reason = "not a PEM bundle" if isinstance(exc, ssl.SSLError) else exc.strerror
         raise UsageError(f"SSL_CERT_FILE={cafile}: cannot load the CA bundle ({reason})") from None
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Check the proxy and CA variables before a run starts (so a bad one is one line, exit 2).
+
+    Raises:
+        UsageError: as :meth:`ProxyRules.from_env` and :func:`tls_context` do.
+    """
+    ProxyRules.from_env(environ)
+    tls_context(environ)
 
 
 # --------------------------------------------------------------------------- sessions
@@ -366,6 +377,9 @@ class NetworkFault:
 _CONNECT_TIMEOUT: tuple[type[BaseException], ...] = tuple(
     getattr(aiohttp, name) for name in ("ConnectionTimeoutError",) if hasattr(aiohttp, name)
 )  # aiohttp >= 3.10
+_DNS_ERROR: tuple[type[BaseException], ...] = tuple(
+    getattr(aiohttp, name) for name in ("ClientConnectorDNSError",) if hasattr(aiohttp, name)
+)  # aiohttp >= 3.11; before, a ClientConnectorError around a socket.gaierror
 _ERRNO_TEXT = {
     errno.ECONNREFUSED: "connection refused",
     errno.ECONNRESET: "connection reset by peer",
@@ -472,6 +486,8 @@ def _proxy_refusal(status: int, where: str, proxy: Proxy | None) -> NetworkFault
 
 
 def _is_dns_failure(exc: BaseException) -> bool:
+    if isinstance(exc, _DNS_ERROR):
+        return True
     if isinstance(exc, aiohttp.ClientConnectorError):
         return isinstance(exc.os_error, socket.gaierror)
     return isinstance(exc, socket.gaierror)

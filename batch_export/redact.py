@@ -47,7 +47,7 @@ _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@\"'<>]+@")
 _SIGNING_PARAMS = re.compile(
     r"(?i)(?<![\w-])(x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature"
     r"|x-goog-credential|signature|sig|awsaccesskeyid|key-pair-id|token|access_token|api_?key)"
-    r"=(?!<redacted>)[^\s&\"'<>]+"
+    r"=(?!<redacted>)[^\s&,;\"'<>]+"
 )
 _S3_ECHOES = re.compile(
     r"<(SignatureProvided|StringToSign|StringToSignBytes|CanonicalRequest|CanonicalRequestBytes"

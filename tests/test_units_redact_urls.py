@@ -106,3 +106,39 @@ def test_redacted_query_is_not_redacted_twice() -> None:
     once = r("GET http://h/p.zip?sig=1")
     assert once == "GET http://h/p.zip?<redacted>"
     assert r(once) == once
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "proxy http://bob:hunter2@proxy.corp:3128 refused",
+            "proxy http://<redacted>@proxy.corp:3128 refused",
+        ),
+        ("s3://AKIA:secret@bucket/key", "s3://<redacted>@bucket/key"),
+        (
+            "no such key /bucket/p.zip?X-Amz-Signature=dead&X-Amz-Date=1",
+            "no such key /bucket/p.zip?<redacted>",
+        ),
+        ("p.zip?X-Amz-Signature=dead&Expires=1", "p.zip?<redacted>"),
+        ("bad &sig=abcdEF12 here", "bad &sig=<redacted> here"),
+        ("X-Amz-Credential=AKIA/2026/us-east-1/s3", "X-Amz-Credential=<redacted>"),
+        ("X-Goog-Signature=0a1b2c", "X-Goog-Signature=<redacted>"),
+        ("token=abc, tokens=3", "token=<redacted>, tokens=3"),
+        (
+            "<Code>SignatureDoesNotMatch</Code><SignatureProvided>abc</SignatureProvided>"
+            "<StringToSign>AWS4 x</StringToSign>",
+            "<Code>SignatureDoesNotMatch</Code><SignatureProvided><redacted></SignatureProvided>"
+            "<StringToSign><redacted></StringToSign>",
+        ),
+        ("echo: Authorization: Basic dXNlcjpwYXNz, next", "echo: Authorization: <redacted>, next"),
+        ('{"Proxy-Authorization": "Bearer abc"}', '{"Proxy-Authorization": "<redacted>"}'),
+        ("is it ready? yes", "is it ready? yes"),
+        ("mail bob@example.com", "mail bob@example.com"),
+        ("see http://h/x?<redacted>", "see http://h/x?<redacted>"),
+    ],
+)
+def test_server_text_kinds_are_redacted(text: str, expected: str) -> None:
+    redactor = Redactor()
+    assert redactor(text) == expected
+    assert redactor(redactor(text)) == expected  # idempotent: a second pass changes nothing

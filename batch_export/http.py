@@ -474,8 +474,8 @@ def _proxy_refusal(status: int, where: str, proxy: Proxy | None) -> NetworkFault
     if status == 407:
         return NetworkFault(
             "proxy_error",
-            f"{shown} wants credentials for {where} (407): put them in the proxy URL "
-            "(http://user:password@host:port)",
+            f"{shown} wants credentials for {where} (407): put the user and password in the "
+            "proxy URL, before its host",
             False,
         )
     if status == 403:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from batch_export.api import ApiAnswer, PixxelClient
+from batch_export.api import PixxelClient
 from batch_export.errors import JobError
 
 __all__ = [
@@ -83,11 +83,8 @@ def api_fetch(client: PixxelClient, *, deadline: float) -> Fetch:
     """
 
     async def fetch(path: str, params: Mapping[str, str], validate: Callable[[Any], None]) -> Any:
-        def check(answer: ApiAnswer) -> None:
-            validate(answer.doc)
-
         answer = await client.request_json(
-            "GET", path, params=params or None, deadline=deadline, validate=check
+            "GET", path, params=params or None, deadline=deadline, validate=validate
         )
         return answer.doc
 

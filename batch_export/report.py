@@ -14,7 +14,7 @@ from typing import Any
 
 from batch_export.clock import utc_timestamp
 from batch_export.redact import Redactor
-from batch_export.types import JobResult, Outcome, RunResult
+from batch_export.types import DiscoveryEntry, JobResult, Outcome, RunResult
 
 __all__ = ["build_report", "new_run_id", "utc_timestamp", "write_report"]
 
@@ -51,6 +51,20 @@ def build_report(
             "throttled": result.throttled if result else 0,
         },
         "jobs": [_job_entry(job) for job in jobs],
+        "discovery": [_discovery_entry(entry) for entry in (result.discovery if result else ())],
+    }
+
+
+def _discovery_entry(entry: DiscoveryEntry) -> dict[str, Any]:
+    error = entry.error
+    return {
+        "selector": entry.selector,
+        "aoi_id": entry.aoi_id,
+        "listed": entry.listed,
+        "selected": entry.selected,
+        "error": None
+        if error is None
+        else {"code": error.code, "message": error.message, "http_status": error.http_status},
     }
 
 
@@ -67,6 +81,7 @@ def _job_entry(job: JobResult) -> dict[str, Any]:
         "attempts": job.attempts,
         "polls": job.polls,
         "seconds": job.seconds,
+        "source": job.source,
     }
     entry["error"] = (
         {"code": job.error_code, "message": job.error_message, "http_status": job.error_http_status}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -90,6 +90,7 @@ from batch_export.ratelimit import RateLimiter
 from batch_export.redact import Redactor
 from batch_export.store import JobStore
 from batch_export.types import (
+    Discovered,
     Job,
     JobRecord,
     JobResult,
@@ -177,6 +178,9 @@ class Runner:
         max_runtime: seconds after which the run stops taking work and checkpoints (exit 3).
         sources: per spec, where it came from (``"exports[3]"``); default ``exports[i]``.
         uploader: uploads verified packages (object-store output); None: local output.
+        discover: called with the run's API client once the sessions are open, before any job
+            starts (SPEC §7): its jobs follow ``specs``, its failures fail without a request, its
+            entries go to ``RunResult.discovery``. None: no discovery.
     """
 
     def __init__(
@@ -193,6 +197,7 @@ class Runner:
         max_runtime: float | None = None,
         sources: Sequence[str] | None = None,
         uploader: Uploader | None = None,
+        discover: Callable[[PixxelClient], Awaitable[Discovered]] | None = None,
     ) -> None:
         self.settings = settings
         self.specs = list(specs)
@@ -208,6 +213,9 @@ class Runner:
         self._clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self._uploader = uploader
+        self._discover = discover
+        self._discovered = Discovered()
+        self._preset: dict[int, Problem] = {}  # index into specs -> fails without a request
         self._rules = Rules(
             poll_interval=settings.poll_interval,
             poll_max_interval=settings.poll_max_interval,
@@ -256,6 +264,12 @@ class Runner:
                 connections=min(self.settings.in_flight, API_CONNECTIONS),
             )
             self._downloader = self._make_downloader(storage_session)
+            if self._discover is not None:
+                self._discovered = await self._discover(self._client)
+                first = len(self.specs)
+                self._preset = {first + i: p for i, p in self._discovered.failures.items()}
+                self.specs.extend(self._discovered.specs)
+                self.sources.extend(self._discovered.sources)
             await self._prepare_jobs()
             async with anyio.create_task_group() as watchers:
                 if self._max_runtime is not None:
@@ -270,6 +284,7 @@ class Runner:
             wall_seconds=self._clock.monotonic() - started,
             stopped_by=self.stopped_by,
             api_by_status=dict(self._client.stats.by_status or {}),
+            discovery=self._discovered.entries,
         )
 
     def _make_downloader(self, session: HttpSession) -> Downloader:
@@ -294,7 +309,7 @@ class Runner:
         with self._jobs_scope:
             async with anyio.create_task_group() as tg:
                 for job in self.jobs:
-                    if job.outcome is Outcome.SKIPPED:
+                    if job.outcome in (Outcome.SKIPPED, Outcome.FAILED):
                         continue
                     await admission.acquire()
                     tg.start_soon(self._run_job, job, admission)
@@ -334,7 +349,9 @@ class Runner:
         keys = [job_key(spec) for spec in self.specs]
         stored = await self._store.load_many(keys)
         force = self.settings.force
-        for spec, key, source in zip(self.specs, keys, self.sources, strict=True):
+        for index, (spec, key, source) in enumerate(
+            zip(self.specs, keys, self.sources, strict=True)
+        ):
             final = self.settings.out_dir / spec.relpath
             record = stored.get(key) or JobRecord(
                 key=key,
@@ -350,6 +367,9 @@ class Runner:
             self._values[key] = value
             if Skip() in actions:
                 job.outcome = Outcome.SKIPPED
+                self._observer.job_finished(self._result(job))
+            elif index in self._preset:  # discovered, but cannot run (no_listed_assets, path_clash)
+                await self._abort(job, self._preset[index])
                 self._observer.job_finished(self._result(job))
             elif value.record is not record:
                 job.record = value.record

@@ -16,7 +16,7 @@ Contents:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
@@ -49,6 +49,8 @@ __all__ = [
     "STATE_DIR_NAME",
     "STATE_ENTRIES",
     "STATE_FILE",
+    "Discovered",
+    "DiscoveryEntry",
     "ExitCode",
     "Job",
     "JobRecord",
@@ -369,6 +371,43 @@ class JobResult:
     source: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class DiscoveryEntry:
+    """One line of the report's ``discovery`` array (SPEC §7): a selector's AOI, or its paging.
+
+    Attributes:
+        selector: the selector's index in ``discover:``.
+        aoi_id: the AOI, or None for an entry about the selector's AOI paging.
+        listed: insights the API returned for the AOI, deleted and unready ones included.
+        selected: those that became jobs.
+        error: why the listing failed, or None.
+    """
+
+    selector: int
+    aoi_id: str | None
+    listed: int = 0
+    selected: int = 0
+    error: Problem | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Discovered:
+    """What discovery adds to a run: jobs (after the explicit ones) and the report's entries.
+
+    Attributes:
+        specs: the discovered exports, in selector and listing order.
+        sources: per spec, ``"discover[N]"``.
+        failures: index into ``specs`` -> why that job fails without a request
+            (``no_listed_assets``, ``path_clash``).
+        entries: the report's ``discovery`` entries.
+    """
+
+    specs: tuple[ExportSpec, ...] = ()
+    sources: tuple[str, ...] = ()
+    failures: Mapping[int, Problem] = field(default_factory=dict)
+    entries: tuple[DiscoveryEntry, ...] = ()
+
+
 #: Stop reasons that are signals, with their exit codes.
 _SIGNAL_EXITS: Final = {
     "SIGINT": ExitCode.SIGINT,
@@ -390,6 +429,8 @@ class RunResult:
             or None.
         api_by_status: HTTP status (0: network error) -> API requests.
         fatal: a run-wide failure that ended the run early (the state store failing), or None.
+        discovery: the report's ``discovery`` entries (SPEC §7); a failed listing makes the exit
+            code at least 1.
     """
 
     jobs: tuple[JobResult, ...]
@@ -400,6 +441,7 @@ class RunResult:
     stopped_by: str | None = None
     api_by_status: dict[int, int] = field(default_factory=dict)
     fatal: Problem | None = None
+    discovery: tuple[DiscoveryEntry, ...] = ()
 
     def count(self, outcome: Outcome) -> int:
         """Number of jobs with ``outcome``."""
@@ -418,7 +460,8 @@ class RunResult:
         if self.stopped_by == "max_runtime" and pending:
             return int(ExitCode.MAX_RUNTIME)
         ok = {Outcome.DOWNLOADED, Outcome.SKIPPED}
-        if self.fatal is None and all(job.outcome in ok for job in self.jobs):
+        listed = all(entry.error is None for entry in self.discovery)
+        if self.fatal is None and listed and all(job.outcome in ok for job in self.jobs):
             return int(ExitCode.OK)
         return int(ExitCode.FAILED)
 

@@ -26,6 +26,7 @@ import aiosqlite
 import anyio
 
 from batch_export.errors import LocalIOError, UsageError
+from batch_export.segments import SegmentState
 from batch_export.types import STATE_FILE, JobRecord, JobState
 
 __all__ = ["SCHEMA_VERSION", "JobRecord", "JobStore", "MemoryStore", "RunInfo", "SqliteStore"]
@@ -70,6 +71,14 @@ class JobStore(Protocol):
         """Commit ``record`` (replacing the one with its key)."""
         ...
 
+    async def load_segments(self, key: str) -> SegmentState | None:
+        """Return the segment progress of job ``key``'s ``.part``, if any is stored."""
+        ...
+
+    async def save_segments(self, key: str, state: SegmentState | None) -> None:
+        """Commit the segment progress of job ``key`` (``None``: forget it)."""
+        ...
+
     async def record_run_start(self, run_id: str, started_at: float, pid: int) -> None:
         """Record that run ``run_id`` started at ``started_at`` (epoch seconds) in process ``pid``."""
         ...
@@ -96,12 +105,25 @@ class MemoryStore:
         records: the records, by key.
         runs: the runs, in the order they started.
         saves: how many times :meth:`save` was called.
+        segments: segment progress, by job key.
     """
 
     def __init__(self) -> None:
         self.records: dict[str, JobRecord] = {}
         self.runs: list[RunInfo] = []
         self.saves = 0
+        self.segments: dict[str, SegmentState] = {}
+
+    async def load_segments(self, key: str) -> SegmentState | None:
+        """Return the segment progress of job ``key``, if any."""
+        return self.segments.get(key)
+
+    async def save_segments(self, key: str, state: SegmentState | None) -> None:
+        """Keep (or, for ``None``, forget) the segment progress of job ``key``."""
+        if state is None:
+            self.segments.pop(key, None)
+        else:
+            self.segments[key] = state
 
     async def load(self, key: str) -> JobRecord | None:
         """Return the record for ``key``, if any."""
@@ -195,6 +217,16 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
         "CREATE INDEX runs_started_at ON runs (started_at)",
+    ),
+    (
+        # Segmented downloads (SPEC §4): which byte ranges of a job's .part are on disk.
+        """
+        CREATE TABLE segments (
+            key   TEXT PRIMARY KEY,
+            total INTEGER NOT NULL,
+            done  TEXT NOT NULL
+        ) WITHOUT ROWID
+        """,
     ),
 )
 #: The schema version this code writes (``PRAGMA user_version``).
@@ -429,6 +461,37 @@ class SqliteStore:
         await self._settle(batch)
         if batch.error is not None:
             raise LocalIOError(batch.error, code="state_store", job_key=record.key) from batch.cause
+
+    async def load_segments(self, key: str) -> SegmentState | None:
+        """Return the segment progress of job ``key``'s ``.part``, if any is stored.
+
+        Raises:
+            LocalIOError: the store is closed or the read failed (code ``"state_store"``).
+        """
+        rows = await self._read("SELECT total, done FROM segments WHERE key = ?", (key,))
+        if not rows:
+            return None
+        total, done = rows[0]
+        try:
+            ranges = tuple((int(a), int(b)) for a, b in json.loads(done))
+        except (ValueError, TypeError):
+            return None  # unreadable: fetch the package again rather than trust it
+        return SegmentState(int(total), ranges)
+
+    async def save_segments(self, key: str, state: SegmentState | None) -> None:
+        """Commit the segment progress of job ``key`` (``None``: forget it).
+
+        Raises:
+            LocalIOError: the store is closed or the commit failed (code ``"state_store"``).
+        """
+        if state is None:
+            await self._write("DELETE FROM segments WHERE key = ?", (key,))
+            return
+        await self._write(
+            "INSERT INTO segments (key, total, done) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET total = excluded.total, done = excluded.done",
+            (key, state.total, json.dumps(state.done, separators=(",", ":"))),
+        )
 
     async def record_run_start(self, run_id: str, started_at: float, pid: int) -> None:
         """Commit the start of run ``run_id``.

@@ -20,6 +20,7 @@ import pytest
 
 from batch_export.errors import LocalIOError, UsageError
 from batch_export.lifecycle import JobState
+from batch_export.segments import SegmentState
 from batch_export.store import (
     SCHEMA_VERSION,
     JobRecord,
@@ -535,3 +536,27 @@ async def test_protocol_behaves_alike(any_store: JobStore) -> None:
         rec(3).key: rec(3),
     }
     assert [r.key for r in await any_store.all_records()] == [rec(n).key for n in (1, 2, 3)]
+
+
+async def test_segment_progress_round_trips_and_is_forgotten(any_store: JobStore) -> None:
+    key = "s" * 64
+    assert await any_store.load_segments(key) is None
+    state = SegmentState(100 * 1024 * 1024, ((0, 3 << 20), (8 << 20, 9 << 20)))
+    await any_store.save_segments(key, state)
+    assert await any_store.load_segments(key) == state
+    await any_store.save_segments(key, SegmentState(state.total))
+    assert await any_store.load_segments(key) == SegmentState(state.total)
+    await any_store.save_segments(key, None)
+    assert await any_store.load_segments(key) is None
+
+
+async def test_segment_progress_survives_reopening(tmp_path: Path) -> None:
+    store = await reopen(tmp_path)
+    state = SegmentState(10, ((0, 4), (6, 10)))
+    await store.save_segments("k" * 64, state)
+    await store.close()
+    store = await reopen(tmp_path)
+    try:
+        assert await store.load_segments("k" * 64) == state
+    finally:
+        await store.close()

@@ -35,7 +35,13 @@ from batch_export.manifest._model import (
     Manifest,
     OutputSettings,
 )
-from batch_export.manifest._paths import render_name, render_relpath, sanitize_path_value
+from batch_export.manifest._paths import (
+    path_conflicts,
+    render_name,
+    render_relpath,
+    sanitize_path_value,
+    template_fields,
+)
 from batch_export.manifest._validate import load_manifest, parse_manifest
 
 __all__ = [
@@ -55,7 +61,9 @@ __all__ = [
     "load_manifest",
     "manifest_json_schema",
     "parse_manifest",
+    "path_conflicts",
     "render_name",
     "render_relpath",
     "sanitize_path_value",
+    "template_fields",
 ]

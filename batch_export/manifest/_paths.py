@@ -15,7 +15,13 @@ from typing import Final
 
 from batch_export.manifest._model import DEFAULT_PATH_TEMPLATE, STATE_DIR_NAME
 
-__all__ = ["render_name", "render_relpath", "sanitize_path_value"]
+__all__ = [
+    "path_conflicts",
+    "render_name",
+    "render_relpath",
+    "sanitize_path_value",
+    "template_fields",
+]
 
 #: Longest file or folder name most file systems take, in UTF-8 bytes.
 _MAX_COMPONENT_BYTES: Final = 255
@@ -201,7 +207,7 @@ def _relpath_problem(relpath: str) -> str | None:
     return None
 
 
-def _path_conflicts(relpaths: list[str]) -> Iterator[tuple[int, int, str]]:
+def path_conflicts(relpaths: list[str]) -> Iterator[tuple[int, int, str]]:
     """Yield ``(i, j, kind)`` for each clash of ``relpaths[i]`` (all distinct) with ``relpaths[j]``.
 
     Kinds: ``folder`` (path i is a folder of path j), ``part-folder`` (path i + ``.part`` is a folder
@@ -294,7 +300,7 @@ def render_relpath(
 
 
 def render_name(
-    template: str, *, aoi_id: str, insight_id: str, insight_name: str, created_date: str
+    template: str, *, aoi_id: str, insight_id: str, insight_name: str, created_date: str | None
 ) -> str:
     """Return a discovered job's name from a selector's ``name`` template (SPEC §7).
 
@@ -302,13 +308,23 @@ def render_name(
     when it becomes part of the output path.
 
     Raises:
+        ValueError: the template is invalid, or uses ``{created_date}`` without one.
+    """
+    parts = _compile_name_template(template)
+    if created_date is None and _uses(parts, "created_date"):
+        raise ValueError("the name template uses {created_date}, and there is no creation date")
+    values = (aoi_id, insight_id, "", insight_name, created_date or "")
+    return "".join(literal + (values[index] if index >= 0 else "") for literal, index in parts)
+
+
+def template_fields(template: str, *, name: bool = False) -> frozenset[str]:
+    """Return the fields an output path template (``name``: a selector's name template) uses.
+
+    Raises:
         ValueError: the template is invalid; the message says why.
     """
-    values = (aoi_id, insight_id, "", insight_name, created_date)
-    return "".join(
-        literal + (values[index] if index >= 0 else "")
-        for literal, index in _compile_name_template(template)
-    )
+    parts = _compile_name_template(template) if name else _compile_template(template)
+    return frozenset(_TEMPLATE_FIELDS[index] for _, index in parts if index >= 0)
 
 
 _NO_CREATED_DATE: Final = (

@@ -28,12 +28,12 @@ from batch_export.manifest._nodes import _Checks
 from batch_export.manifest._paths import (
     _NO_CREATED_DATE,
     _compile_template,
-    _path_conflicts,
     _quote,
     _relpath_problem,
     _render,
     _TemplatePart,
     _uses,
+    path_conflicts,
 )
 from batch_export.manifest._yaml import (
     _T_MAP,
@@ -492,7 +492,7 @@ class _Validator(_Checks):
 
     def collisions(self, specs: list[ExportSpec], firsts: list[_Entry]) -> None:
         """Report paths that are folders of others or ``.part`` names; warn on case-only clashes."""
-        for i, j, kind in _path_conflicts([spec.relpath for spec in specs]):
+        for i, j, kind in path_conflicts([spec.relpath for spec in specs]):
             entry, other = firsts[i], firsts[j]
             label = f"exports[{entry.index}]"
             shown = _quote(specs[i].relpath)

@@ -186,7 +186,7 @@ def test_part_file_collision() -> None:
 def test_path_conflicts_folder_prefix_and_part() -> None:
     # One template renders every entry at the same depth, so a manifest cannot make a file path
     # a folder of another; the check exists anyway and is tested directly.
-    conflicts = paths_module._path_conflicts
+    conflicts = paths_module.path_conflicts
     assert list(conflicts(["a/b.zip", "a/b.zip/c.zip"])) == [(0, 1, "folder")]
     assert list(conflicts(["a/b.zip/c.zip", "a/b.zip"])) == [(1, 0, "folder")]
     assert list(conflicts(["x", "x.part/y"])) == [(0, 1, "part-folder")]

@@ -57,6 +57,7 @@ __all__: list[str] = []
 
 _YAML11_TAGS: Final = frozenset({_T_INT, _T_FLOAT, _T_BOOL, _T_NULL, _T_TIMESTAMP, _T_STR})
 _SIZE_EXPECTED: Final = "expected a size such as 32MiB, 1GiB, 500MB or a number of bytes"
+_STORE_TYPO = re.compile(r"(s3|gs|az):/?(?!/)", re.IGNORECASE)
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]{0,15}")
 _WHITE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _MERGE_KEY_MESSAGE: Final = (
@@ -592,6 +593,17 @@ class _Checks:
     def out_dir(self, node: _Node, path: str) -> Path | str | None:
         """Return the output root: a local folder (a :class:`Path`) or an object-store URL."""
         if type(node) is not _Scalar or node.tag != _T_STR or "://" not in node.value:
+            typo = _STORE_TYPO.match(node.value) if type(node) is _Scalar else None
+            if typo is not None:
+                scheme = typo.group(1).lower()
+                self.report.error(
+                    node.line,
+                    node.col,
+                    path,
+                    f"an object-store URL starts with {scheme}:// (two slashes), as in "
+                    f"{scheme}://bucket/prefix; for a local folder named {scheme}: write ./{scheme}:",
+                )
+                return None
             return self.path(node, path)
         text = node.value
         scheme, _, rest = text.partition("://")

@@ -580,3 +580,17 @@ def test_output_dir_bad_object_store_urls(raw: str, message: str) -> None:
     line = only_problem(f'version: 1\noutput: {{dir: "{raw}"}}\n{MINIMAL[11:]}')
     assert line == f"m.yaml:2:15: output.dir: {message}"
     assert SECRET not in line
+
+
+@pytest.mark.parametrize("raw", ["s3:/bucket/x", "S3:bucket", "gs:/b", "az:c"])
+def test_output_dir_object_store_url_with_one_slash_is_a_typo(raw: str) -> None:
+    scheme = raw[:2].lower()
+    assert only_problem(f'version: 1\noutput: {{dir: "{raw}"}}\n{MINIMAL[11:]}') == (
+        f"m.yaml:2:15: output.dir: an object-store URL starts with {scheme}:// (two slashes), as "
+        f"in {scheme}://bucket/prefix; for a local folder named {scheme}: write ./{scheme}:"
+    )
+
+
+def test_output_dir_folder_that_merely_starts_like_a_scheme() -> None:
+    m = parse(f'version: 1\noutput: {{dir: "s3data"}}\n{MINIMAL[11:]}', path="/srv/m/m.yaml")
+    assert m.output.dir == Path("/srv/m/s3data")

@@ -379,3 +379,24 @@ def test_errors_name_the_file_as_given(tmp_path: Path) -> None:
     assert info.value.problems == [
         f"{path}:1:10: version: unsupported manifest version 2; this batch-export reads version 1"
     ]
+
+
+def test_each_export_names_its_source_and_a_merged_one_keeps_the_first() -> None:
+    m = parse(
+        """\
+        version: 1
+        exports:
+          - {aoi_id: a, insight_id: i, outputs: [o]}
+          - {aoi_id: a, insight_id: j, outputs: [o]}
+          - {aoi_id: a, insight_id: i, outputs: [o]}
+          - {aoi_id: a, insight_id: k, outputs: [o]}
+        """
+    )
+    assert [(e.insight_id, e.source) for e in m.exports] == [
+        ("i", "exports[0]"),
+        ("j", "exports[1]"),
+        ("k", "exports[3]"),
+    ]
+    assert m.warnings == (
+        "m.yaml:5:5: exports[2]: identical to exports[0] (line 3); merged into it",
+    )

@@ -16,7 +16,7 @@ import click
 from batch_export import __version__
 from batch_export.app import RunOptions, execute_run, plan_lines
 from batch_export.errors import BatchExportError, ManifestError
-from batch_export.manifest import Manifest, load_manifest
+from batch_export.manifest import DiscoverSelector, ExportSpec, Manifest, load_manifest
 from batch_export.sandbox.cli import sandbox_command
 from batch_export.signals import Interrupted, install_handlers
 from batch_export.units import parse_duration
@@ -286,10 +286,11 @@ def status(
     from batch_export.app import resolve_dirs
     from batch_export.status import read_status, render_status
 
-    specs = None
+    specs: tuple[ExportSpec, ...] | None = None
+    selectors: tuple[DiscoverSelector, ...] = ()
     if manifest is not None:
         loaded = _load(manifest)
-        specs = loaded.exports
+        specs, selectors = loaded.exports, loaded.discover
         directory = resolve_dirs(loaded, out=out, state_dir=state_dir)[1]
     elif out is not None and state_dir is not None:
         raise click.UsageError("give --out or --state-dir, not both (or the MANIFEST)")
@@ -298,7 +299,7 @@ def status(
             state_dir if state_dir is not None else (out or Path("exports")) / ".batch-export"
         )
     try:
-        doc = read_status(directory, specs=specs, failed_only=failed_only)
+        doc = read_status(directory, specs=specs, selectors=selectors, failed_only=failed_only)
     except BatchExportError as exc:
         click.echo(f"batch-export: {exc.message}", err=True)
         sys.exit(2)

@@ -17,7 +17,7 @@ from rich.table import Table
 from batch_export.clock import utc_timestamp
 from batch_export.errors import UsageError
 from batch_export.lifecycle import job_key
-from batch_export.manifest import ExportSpec
+from batch_export.manifest import DiscoverSelector, ExportSpec
 from batch_export.redact import escape_controls
 from batch_export.store import RunInfo, SqliteStore
 from batch_export.types import STATE_FILE, JobRecord, JobState
@@ -36,6 +36,7 @@ def read_status(
     state_dir: Path,
     *,
     specs: Sequence[ExportSpec] | None = None,
+    selectors: Sequence[DiscoverSelector] = (),
     failed_only: bool = False,
     runs: int = 5,
 ) -> dict[str, Any]:
@@ -48,6 +49,8 @@ def read_status(
             listed with state ``stale`` (its entry is gone or was edited: a new entry is a new
             job) and counted under ``counts.stale`` only, not in ``total``. ``None``: every stored
             job counts.
+        selectors: the manifest's ``discover:`` selectors: a stored job of an AOI they cover is
+            the manifest's (what they resolve to is known only at run time, from the API).
         failed_only: list only the jobs that failed (``failed``, ``abandoned``).
         runs: how many of the last runs to list.
 
@@ -70,7 +73,7 @@ def read_status(
             await store.close()
 
     records, last_runs = anyio.run(load)
-    jobs, stale = _split(records, specs)
+    jobs, stale = _split(records, specs, selectors)
     counts = Counter(str(record.state) for record in jobs)
     docs = [_job(record) for record in jobs] + [_job(record, stale=True) for record in stale]
     if failed_only:
@@ -85,9 +88,11 @@ def read_status(
 
 
 def _split(
-    records: list[JobRecord], specs: Sequence[ExportSpec] | None
+    records: list[JobRecord],
+    specs: Sequence[ExportSpec] | None,
+    selectors: Sequence[DiscoverSelector],
 ) -> tuple[list[JobRecord], list[JobRecord]]:
-    """Return ``(the manifest's jobs, stale jobs)``; the manifest's in manifest order."""
+    """Return ``(the manifest's jobs, stale jobs)``; the explicit entries first, in manifest order."""
     if specs is None:
         return records, []
     by_key = {record.key: record for record in records}
@@ -101,7 +106,15 @@ def _split(
             name=spec.name,
             relpath=spec.relpath,
         )
-    return list(mine.values()), [record for record in records if record.key not in mine]
+    every_aoi = any(selector.aois is None for selector in selectors)  # aois: all, or projects
+    listed = {aoi for selector in selectors for aoi in selector.aois or ()}
+    jobs, stale = list(mine.values()), list[JobRecord]()
+    for record in records:
+        if record.key in mine:
+            continue
+        discovered = every_aoi or record.aoi_id in listed
+        (jobs if discovered else stale).append(record)
+    return jobs, stale
 
 
 def _run(run: RunInfo) -> dict[str, Any]:

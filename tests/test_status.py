@@ -170,3 +170,34 @@ def test_status_bad_manifest_exits_2(tmp_path: Path) -> None:
     code, out = status(str(bad))
     assert code == 2
     assert "nothing was requested" in out
+
+
+def test_status_counts_jobs_of_aois_a_discover_selector_covers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = write(
+        tmp_path / "m.yaml",
+        MANIFEST + '  - {aoi_id: "a9", insight_id: "x", outputs: ["o"]}\n'
+        "discover:\n  - {aois: [a2], outputs: all}\n",
+    )
+    old = write(
+        tmp_path / "old.yaml",
+        "version: 1\nexports:\n"
+        '  - {aoi_id: "a2", insight_id: "found", outputs: ["o"]}\n'
+        '  - {aoi_id: "a3", insight_id: "gone", outputs: ["o"]}\n',
+    )
+    fill_store(tmp_path / "exports" / ".batch-export", records_of(old))
+    monkeypatch.chdir(tmp_path)
+    code, out = status(str(manifest), "--json")
+    assert code == 0
+    doc = json.loads(out)
+    states = [(job["insight_id"], job["state"]) for job in doc["jobs"]]
+    assert states == [
+        ("i1", "queued"),
+        ("i2", "queued"),
+        ("i3", "queued"),
+        ("x", "queued"),
+        ("found", "queued"),  # a discovered job of a2: the manifest's
+        ("gone", "stale"),
+    ]
+    assert (doc["counts"]["total"], doc["counts"]["stale"]) == (5, 1)

@@ -24,7 +24,8 @@ from batch_export.lock import StateLock
 from batch_export.logs import configure_logging
 from batch_export.manifest import ExportSpec, Manifest
 from batch_export.metrics import write_metrics
-from batch_export.progress import FanOut, LogObserver, ProgressDisplay
+from batch_export.pace import Tally
+from batch_export.progress import FanOut, LogObserver, ProgressDisplay, ProgressLog
 from batch_export.redact import Redactor, escape_controls
 from batch_export.report import build_report, new_run_id, write_report
 from batch_export.runner import Runner
@@ -81,6 +82,7 @@ class RunOptions:
     log_format: str = "text"  # or "json"
     metrics_file: Path | None = None
     api_key: str | None = None  # given directly (demo); otherwise from the environment
+    progress_interval: float = 60.0  # seconds between progress lines when stderr is no terminal
 
 
 def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
@@ -370,6 +372,8 @@ def _run_locked(
 ) -> int:
     started_at = time.time()
     progress = options.progress if options.progress is not None else sys.stderr.isatty()
+    # The progress line: stderr is not a terminal, and the log level is info (SPEC §9).
+    unattended = not sys.stderr.isatty() and options.verbosity >= 0
     specs = select_shard(manifest.exports, options.shard)
     display: ProgressDisplay | None = None
     last_success: list[float | None] = [None]
@@ -407,6 +411,15 @@ def _run_locked(
             if progress and options.verbosity >= 0:
                 display = ProgressDisplay(total=len(specs), limiter=lambda: runner.limiter.stats)
                 observers.append(display)
+            ticker = None
+            if display is None and unattended and options.progress_interval > 0:
+                tally = Tally(
+                    total=len(specs),
+                    clock=time.monotonic,
+                    request_rate=lambda: runner.limiter.stats.rate,
+                )
+                observers.append(tally)
+                ticker = ProgressLog(tally, interval=options.progress_interval, sleep=anyio.sleep)
             runner = Runner(
                 settings,
                 specs,
@@ -431,7 +444,11 @@ def _run_locked(
                 with display.live():
                     result = await runner.run()
             else:
-                result = await runner.run()
+                async with anyio.create_task_group() as lines:
+                    if ticker is not None:
+                        lines.start_soon(ticker.run)
+                    result = await runner.run()
+                    lines.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
                 await store.record_run_end(run_id, time.time(), result.exit_code, _counts(result))
                 runs = await store.last_runs(100)

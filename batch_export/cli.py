@@ -148,6 +148,14 @@ def _load(path: Path) -> Manifest:
 )
 @click.option("-v", "--verbose", is_flag=True, help="More detail (every state change).")
 @click.option(
+    "--progress-interval",
+    callback=_duration,
+    default="60s",
+    show_default=True,
+    metavar="DURATION",
+    help="Seconds between progress lines when stderr is not a terminal (0: none).",
+)
+@click.option(
     "--allow-http",
     is_flag=True,
     help="Allow plain-http API and signed URLs on non-loopback hosts (loopback is always allowed).",
@@ -170,6 +178,7 @@ def run(
     progress: bool | None,
     quiet: bool,
     verbose: bool,
+    progress_interval: float,
     allow_http: bool,
 ) -> None:
     """Export every package the MANIFEST lists.
@@ -201,6 +210,7 @@ def run(
         progress=progress,
         verbosity=-1 if quiet else 1 if verbose else 0,
         allow_http=allow_http,
+        progress_interval=progress_interval,
     )
     sys.exit(execute_run(loaded, options))
 

@@ -5,13 +5,16 @@ JSON lines (``--log-format json``) are one object per line with these stable fie
     ts          "2026-11-29T03:00:01.123Z" (UTC)
     level       "debug" | "info" | "warning" | "error"
     event       what happened: job_state, job_downloaded, job_skipped, job_failed, job_pending,
-                verify_retry, run_started, run_stopping, run_summary, run_error, manifest_warning, log
+                verify_retry, run_started, run_stopping, run_summary, run_error, manifest_warning,
+                progress, log
     message     the human-readable text (the same as the text format's)
     run_id      the run's id
     key, aoi_id, insight_id, job_name, state, attempt, bytes, path, error_code, http_status
                 job fields, present on job events
     counts, exit_code, api_requests, throttled, seconds
                 on run_summary
+    counts, bytes, bytes_per_second, eta_seconds
+                on progress (jobs per state; bytes this run; measured rate and ETA, null: unknown)
 
 The key and signed-URL query strings are removed from every field (:mod:`batch_export.redact`).
 """
@@ -47,6 +50,8 @@ EXTRA_FIELDS = (
     "api_requests",
     "throttled",
     "seconds",
+    "bytes_per_second",
+    "eta_seconds",
 )
 
 

@@ -209,7 +209,9 @@ def test_terminal_display_shows_the_same_counts_and_eta() -> None:
     clock = FakeClock(start=0.0)
     console = Console(record=True, width=160, force_terminal=False)
     stats = LimiterStats(rate=2.0, target_rate=2.0, paused_for=0.0, throttled=0, granted=1)
-    display = ProgressDisplay(total=3, limiter=lambda: stats, console=console, clock=clock.monotonic)
+    display = ProgressDisplay(
+        total=3, limiter=lambda: stats, console=console, clock=clock.monotonic
+    )
     job = make_job(0)
     job.record = job.record.evolve(state=JobState.REQUESTING, attempts=1)
     display.job_state(job)

@@ -6,6 +6,7 @@ Pure string work: nothing here touches the file system.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 import string
@@ -129,6 +130,7 @@ def _parse_fields(
     return parts, "".join(skeleton), parsed[0][0]
 
 
+@functools.lru_cache(maxsize=64)
 def _compile_template(template: str) -> tuple[_TemplatePart, ...]:
     """Split a path template into literal/field parts; raise ValueError saying what is wrong."""
     parts, text, first = _parse_fields(template, _TEMPLATE_FIELDS, "path template")
@@ -154,6 +156,7 @@ def _compile_template(template: str) -> tuple[_TemplatePart, ...]:
     return tuple(parts)
 
 
+@functools.lru_cache(maxsize=64)
 def _compile_name_template(template: str) -> tuple[_TemplatePart, ...]:
     """Split a selector's ``name`` template into parts; raise ValueError saying what is wrong.
 

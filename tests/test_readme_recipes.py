@@ -47,7 +47,7 @@ def test_the_cron_line_runs_silently_and_writes_metrics(sandbox: Sandbox, tmp_pa
     metrics = tmp_path / "textfile" / "batch_export.prom"
     command = (
         command.replace("/etc/batch-export/key", str(key_file))
-        .replace("/opt/batch-export/.venv/bin/batch-export", f"{sys.executable} -m batch_export")
+        .replace("/opt/batch-export/bin/batch-export", f"{sys.executable} -m batch_export")
         .replace("/srv/exports/nightly.yaml", str(manifest))
         .replace("/var/lib/node_exporter/textfile/batch_export.prom", str(metrics))
     )

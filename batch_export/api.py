@@ -324,7 +324,7 @@ class PixxelClient:
                         http_status=exc.http_status,
                         job_key=job_key,
                     ) from None
-                await budget.spend(exc, retry_after=exc.retry_after)
+                await budget.spend(exc, retry_after=exc.retry_after, deadline=deadline)
             except _Throttled:
                 if self._clock.monotonic() > deadline:
                     raise PollTimeout(

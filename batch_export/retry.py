@@ -42,12 +42,18 @@ class RetryBudget:
         self.failures = 0
 
     async def spend(
-        self, exc: JobError, *, retry_after: float | None = None, backoff: bool = True
+        self,
+        exc: JobError,
+        *,
+        retry_after: float | None = None,
+        backoff: bool = True,
+        deadline: float | None = None,
     ) -> None:
         """Record the failure ``exc``, then wait before the next try.
 
         Waits ``retry_after`` seconds when the server named a wait, else the jittered backoff
-        (nothing when ``backoff`` is False).
+        (nothing when ``backoff`` is False); never past ``deadline`` (monotonic seconds), so a
+        caller bounded by one (``poll_timeout``) wakes up in time to give up.
 
         Raises:
             RetriesExhausted: more failures than ``retries`` (carries ``exc``'s code and status).
@@ -62,13 +68,13 @@ class RetryBudget:
                 job_key=self._job_key,
             ) from None
         if retry_after is not None:
-            await policy.clock.sleep(retry_after)
+            delay = retry_after
         elif backoff:
-            await policy.clock.sleep(
-                backoff_delay(
-                    self.failures - 1,
-                    base=policy.backoff_base,
-                    cap=policy.backoff_cap,
-                    rng=policy.rng,
-                )
+            delay = backoff_delay(
+                self.failures - 1, base=policy.backoff_base, cap=policy.backoff_cap, rng=policy.rng
             )
+        else:
+            return
+        if deadline is not None:
+            delay = min(delay, max(0.0, deadline - policy.clock.monotonic()))
+        await policy.clock.sleep(delay)

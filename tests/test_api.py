@@ -222,3 +222,16 @@ async def test_api_connections_are_bounded() -> None:
                 tg.create_task(client.request_package(SPEC, deadline=far(), job_key="k"))
     assert origin.requests == 60
     assert origin.peak == 4
+
+
+async def test_a_long_retry_after_on_503_does_not_outlast_poll_timeout() -> None:
+    async def busy(request: web.Request) -> web.Response:
+        return web.Response(status=503, headers={"Retry-After": "900"})
+
+    clock = FakeClock()
+    async with api(busy, retries=6, clock=clock) as (client, origin):
+        with pytest.raises(PollTimeout) as info:
+            await client.request_package(SPEC, deadline=clock.now + 10.0, job_key="k")
+    assert info.value.code == "poll_timeout"
+    assert origin.requests == 1  # woken at the deadline, it gives up instead of sending again
+    assert clock.sleeps == [10.0]

@@ -11,12 +11,13 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import anyio
 
+from batch_export.api import PixxelClient
 from batch_export.errors import BatchExportError, UsageError
 from batch_export.http import check_environment
 from batch_export.lifecycle import job_key, shard_of
@@ -28,6 +29,7 @@ from batch_export.pace import Tally
 from batch_export.progress import FanOut, LogObserver, ProgressDisplay, ProgressLog
 from batch_export.redact import Redactor, escape_controls
 from batch_export.report import build_report, new_run_id, write_report
+from batch_export.resolve import run_hook
 from batch_export.runner import Runner
 from batch_export.signals import SIGNAL_NAMES, Interrupted, install_handlers
 from batch_export.store import SqliteStore
@@ -39,6 +41,7 @@ from batch_export.types import (
     REPORTS_DIR,
     STATE_DIR_NAME,
     STATE_ENTRIES,
+    Discovered,
     Outcome,
     RunObserver,
     RunResult,
@@ -428,6 +431,7 @@ def _run_locked(
                 observer=FanOut(observers),
                 redactor=redactor,
                 max_runtime=options.max_runtime,
+                discover=_discover_hook(manifest, settings, specs, options.shard),
             )
             runner_box.append(runner)
             if early_stop:
@@ -497,6 +501,22 @@ def _run_locked(
     if late and exit_code not in (130, 143):
         return 128 + late[0]
     return exit_code
+
+
+def _discover_hook(
+    manifest: Manifest,
+    settings: Settings,
+    explicit: tuple[ExportSpec, ...],
+    shard: tuple[int, int] | None,
+) -> Callable[[PixxelClient], Awaitable[Discovered]] | None:
+    """The runner's discovery step when the manifest has ``discover:`` selectors (SPEC §7)."""
+    if not manifest.discover:
+        return None
+    keep = None
+    if shard is not None:
+        index, count = shard
+        keep = lambda spec: shard_of(job_key(spec), count) == index  # noqa: E731
+    return run_hook(manifest, settings, explicit=explicit, keep=keep)
 
 
 def _log_summary(result: RunResult, exit_code: int, report_path: Path) -> None:

@@ -227,6 +227,59 @@ def validate(manifest: Path) -> None:
 
 
 @main.command(context_settings=_CONTEXT)
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option(
+    "--emit-manifest",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the resolved jobs as a plain exports: manifest (review, then run it).",
+)
+@click.option(
+    "--api-url",
+    envvar="BATCH_EXPORT_API_URL",
+    help="API base URL [default: manifest api.url, else https://api.pixxel.space].",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The output root run uses (to tell done jobs) [default: as run resolves it].",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The state dir run uses (to tell done jobs).",
+)
+@click.option("--allow-http", is_flag=True, help="Allow plain http to non-loopback hosts.")
+def discover(
+    manifest: Path,
+    as_json: bool,
+    emit_manifest: Path | None,
+    api_url: str | None,
+    out: Path | None,
+    state_dir: Path | None,
+    allow_http: bool,
+) -> None:
+    """List what the MANIFEST's discover: selectors find and what a run would do with each insight.
+
+    Sends only listing requests (no PUT, no download): per selector and AOI, every listed insight
+    with its action (export, done, not_ready, deleted, filtered_out). Exit 0, or 1 when a listing
+    failed, 2 on a usage or manifest error.
+    """
+    from batch_export.discover_command import DiscoverOptions, execute_discover
+
+    loaded = _load(manifest)
+    options = DiscoverOptions(
+        api_url=api_url,
+        out=out,
+        state_dir=state_dir,
+        as_json=as_json,
+        emit_manifest=emit_manifest,
+        allow_http=allow_http,
+    )
+    sys.exit(execute_discover(loaded, options))
+
+
+@main.command(context_settings=_CONTEXT)
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),

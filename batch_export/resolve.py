@@ -1,0 +1,188 @@
+"""Discovery at run time (SPEC §7): list every selector's AOIs, resolve their insights, merge.
+
+The I/O shell around :mod:`batch_export.discovery` (the pure rules): :func:`discover` lists through
+a :class:`~batch_export.listing.Fetch` (in a run, the API client: shared limiter, retries,
+redaction, request counts), hands each AOI's listing to :func:`batch_export.discovery.resolve`,
+puts the discovered exports beside the explicit entries with :func:`batch_export.discovery.merge`,
+and returns both what a run adds (:class:`~batch_export.types.Discovered`: jobs with source
+``discover[N]``, their preset failures ``no_listed_assets``/``path_clash``, the report's
+``discovery`` entries) and, for ``batch-export discover``, every listed insight with its action.
+
+A failed listing fails that selector's AOI (or, for paging, the rest of the selector's AOIs) alone:
+its entry carries the error, and everything else goes ahead.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+
+from batch_export.api import PixxelClient, encode_segment
+from batch_export.discovery import Action, Resolved, merge, resolve
+from batch_export.listing import Fetch, ListingError, api_fetch, list_selectors
+from batch_export.manifest import ExportSpec, Manifest
+from batch_export.types import Discovered, DiscoveryEntry, Problem, Settings
+
+__all__ = ["AoiView", "Resolution", "discover", "run_hook"]
+
+log = logging.getLogger("batch_export")
+
+
+@dataclass(frozen=True, slots=True)
+class AoiView:
+    """One selector's AOI as ``batch-export discover`` shows it.
+
+    Attributes:
+        selector: The selector's index in ``discover:``.
+        aoi_id: The AOI, or ``None`` for the selector's AOI paging (then only ``error`` is set).
+        error: Why its listing failed, or ``None``.
+        insights: Every listed insight with its action, in listing order.
+    """
+
+    selector: int
+    aoi_id: str | None
+    error: ListingError | None = None
+    insights: tuple[Resolved, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What discovery found.
+
+    Attributes:
+        views: Per selector and AOI, every listed insight and its action (``export`` for a job
+            of this run, whatever the state store says; ``batch-export discover`` tells ``done``).
+        discovered: What a run adds to the explicit jobs.
+    """
+
+    views: tuple[AoiView, ...]
+    discovered: Discovered
+
+
+def _problem(error: ListingError | None) -> Problem | None:
+    return None if error is None else Problem(error.code, error.message, error.http_status)
+
+
+async def discover(
+    fetch: Fetch,
+    manifest: Manifest,
+    *,
+    explicit: Sequence[ExportSpec],
+    now: _dt.datetime,
+    ready_statuses: Collection[str],
+    keep: Callable[[ExportSpec], bool] | None = None,
+    concurrency: int = 8,
+) -> Resolution:
+    """Resolve the manifest's ``discover:`` selectors into jobs.
+
+    Args:
+        fetch: Sends one listing GET (see :mod:`batch_export.listing`).
+        manifest: The manifest (its ``discover`` selectors and ``output.path``).
+        explicit: The explicit jobs of this run (they win path clashes).
+        now: The current time, UTC, for ages such as ``created_after: 30d``.
+        ready_statuses: The ready status words, lower-cased (a selector's default ``status``).
+        keep: Which discovered jobs this run takes (``--shard``); default all.
+        concurrency: Most insight listings in flight at once.
+
+    Returns:
+        The :class:`Resolution`; a failed listing is in its entries, never raised.
+    """
+    selectors = manifest.discover
+    listings = await list_selectors(
+        fetch, selectors, encode=encode_segment, concurrency=concurrency
+    )
+    views: list[AoiView] = []
+    entries: list[DiscoveryEntry] = []
+    resolved: list[Resolved] = []
+    for selector, listing in zip(selectors, listings, strict=True):
+        for aoi in listing.aois:
+            results: tuple[Resolved, ...] = ()
+            if aoi.error is None:
+                results = resolve(
+                    selector,
+                    aoi.aoi_id,
+                    aoi.insights,
+                    now=now,
+                    path_template=manifest.output.path,
+                    ready_statuses=ready_statuses,
+                )
+            resolved.extend(results)
+            views.append(AoiView(selector.index, aoi.aoi_id, aoi.error, results))
+            entries.append(
+                DiscoveryEntry(
+                    selector=selector.index,
+                    aoi_id=aoi.aoi_id,
+                    listed=len(aoi.insights),
+                    selected=sum(1 for r in results if r.action is Action.EXPORT),
+                    error=_problem(aoi.error),
+                )
+            )
+        if listing.error is not None:
+            views.append(AoiView(selector.index, None, listing.error))
+            entries.append(DiscoveryEntry(selector.index, None, error=_problem(listing.error)))
+    merged = merge(explicit, resolved)
+    jobs = [job for job in merged.jobs if keep is None or keep(job.spec)]
+    failures = {
+        index: Problem(job.failure.code, job.failure.message)
+        for index, job in enumerate(jobs)
+        if job.failure is not None
+    }
+    discovered = Discovered(
+        specs=tuple(job.spec for job in jobs),
+        sources=tuple(job.spec.source for job in jobs),
+        failures=failures,
+        entries=tuple(entries),
+    )
+    return Resolution(tuple(views), discovered)
+
+
+def run_hook(
+    manifest: Manifest,
+    settings: Settings,
+    *,
+    explicit: Sequence[ExportSpec],
+    keep: Callable[[ExportSpec], bool] | None = None,
+) -> Callable[[PixxelClient], Awaitable[Discovered]]:
+    """The runner's ``discover`` hook for ``manifest``: list with the run's client, then resolve.
+
+    Listing requests wait for a turn at most ``poll_timeout`` seconds (429 pauses included). Each
+    failed listing is logged as a warning (cron mails it under ``-q``).
+    """
+
+    async def hook(client: PixxelClient) -> Discovered:
+        fetch = api_fetch(client, deadline=time.monotonic() + settings.poll_timeout)
+        resolution = await discover(
+            fetch,
+            manifest,
+            explicit=explicit,
+            now=_dt.datetime.now(_dt.UTC),
+            ready_statuses=settings.vocabulary.ready,
+            keep=keep,
+            concurrency=min(settings.in_flight, 16),
+        )
+        for entry in resolution.discovered.entries:
+            where = f"AOI {entry.aoi_id}" if entry.aoi_id is not None else "AOI listing"
+            if entry.error is not None:
+                log.warning(
+                    "discover[%d] %s: listing failed: %s: %s",
+                    entry.selector,
+                    where,
+                    entry.error.code,
+                    entry.error.message,
+                    extra={"event": "discover_failed", "error_code": entry.error.code},
+                )
+            else:
+                log.info(
+                    "discover[%d] %s: %d listed, %d selected",
+                    entry.selector,
+                    where,
+                    entry.listed,
+                    entry.selected,
+                    extra={"event": "discover_listed"},
+                )
+        return resolution.discovered
+
+    return hook

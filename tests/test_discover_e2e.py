@@ -14,6 +14,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -172,12 +173,14 @@ def check_downloads(sandbox: Sandbox, report: dict[str, Any], wanted: set[Expect
         assert hashlib.sha256(data).hexdigest() == sha == job["sha256"]
 
 
-def admin(sandbox: Sandbox, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+def admin(
+    sandbox: Sandbox, method: str, path: str, body: dict[str, Any], *, key: str = KEY
+) -> dict[str, Any]:
     request = urllib.request.Request(
         sandbox.api_url + path,
         data=json.dumps(body).encode(),
         method=method,
-        headers={"Authorization": KEY, "Content-Type": "application/json"},
+        headers={"Authorization": key, "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as answer:  # loopback only
         return json.loads(answer.read())  # type: ignore[no-any-return]
@@ -389,3 +392,45 @@ discover:
     assert Path(explicit["path"]).read_bytes() == sandbox.package_bytes(
         aoi.id, clash.id, (), (clash.outputs[0],)
     )
+
+
+def test_the_readme_nightly_example_works_as_written(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Nightly exports", 1)[1].split("\n## ", 1)[0]
+    manifest_block = re.findall(r"```yaml\n(# nightly\.yaml.*?)```", section, re.S)[0]
+    shell = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
+    assert "batch-export sandbox --port 8765 --new-insight-every 60" in shell
+    assert "8765" in manifest_block
+    # the CLI defaults; new insights every hour, not every minute: a slow machine must not race them
+    with sandbox_thread(SandboxConfig(new_insight_every=3600.0)) as sandbox:
+        port = sandbox.api_url.rsplit(":", 1)[1]
+        manifest = tmp_path / "nightly.yaml"
+        manifest.write_text(manifest_block.replace("8765", port))
+        env = clean_env(PIXXEL_API_KEY="sandbox-demo-key")
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "batch_export", *args, "nightly.yaml"],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tmp_path,
+                timeout=300,
+            )
+
+        shown = run("discover")
+        assert shown.returncode == 0, shown.stderr
+        assert " export" in shown.stdout and "deleted" in shown.stdout
+        completed = {(a.id, i.id) for a in sandbox.catalog.aois for i in a.insights if _usable(i)}
+        assert run("run").returncode == 0
+        files = {p.relative_to(tmp_path / "nightly-exports") for p in tmp_path.rglob("*.zip")}
+        assert {tuple(p.parts[:2]) for p in files} == completed
+        sandbox.requests.clear()
+        assert run("run").returncode == 0
+        assert sandbox.requests_to("api", "PUT") == [] and sandbox.requests_to("storage") == []
+        gets = sandbox.requests_to("api", "GET")
+        assert len(gets) == 1 + len(sandbox.catalog.aois)  # one page, one listing per AOI
+        admin(sandbox, "POST", "/_sandbox/insights", {"name": "ndvi-late"}, key="sandbox-demo-key")
+        assert run("run").returncode == 0
+        late = [p for p in tmp_path.rglob("ndvi-late.zip")]
+        assert len(late) == 1

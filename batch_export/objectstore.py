@@ -64,6 +64,7 @@ from batch_export.errors import (
     UsageError,
 )
 from batch_export.retry import RetryPolicy
+from batch_export.types import Job, JobRecord
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -77,6 +78,7 @@ __all__ = [
     "MAX_PARTS",
     "SECRET_ENV",
     "ObjectInfo",
+    "ObjectUploader",
     "S3Store",
     "StoreUrl",
     "UploadResult",
@@ -771,6 +773,103 @@ class S3Store:
             job_key=job_key,
             retryable=False,
         )
+
+
+class ObjectUploader:
+    """The runner's uploader for an object-store output (its ``Uploader`` hook, SPEC §8).
+
+    Packages are staged under the staging dir at their output path; each one is uploaded to
+    ``<prefix>/<path>``, then its staged file is removed.
+
+    Args:
+        store: the connected, checked store.
+        check_existing: ``--check-existing``: HEAD done objects before skipping them.
+        concurrency: HEAD requests at once while confirming done objects.
+    """
+
+    def __init__(
+        self, store: S3Store, *, check_existing: bool = False, concurrency: int = 16
+    ) -> None:
+        self._store = store
+        self._check_existing = check_existing
+        self._concurrency = max(1, concurrency)
+
+    def key_of(self, relpath: str) -> str:
+        """Return the object key of the package at output path ``relpath``."""
+        return self._store.url.key_for(relpath)
+
+    async def upload(self, job: Job, staged: Path) -> None:
+        """Upload the staged, verified package of ``job`` (size and sha256 from its record).
+
+        When the staged file is gone (a crash after the store confirmed the upload but before
+        ``done`` was saved), a HEAD that finds the object with the recorded size and sha256 is
+        the confirmation.
+
+        Raises:
+            StoreAuthError: credentials refused (the run's breaker opens).
+            ObjectStoreError: code ``staged_missing`` (no staged file and no such object: the next
+                run downloads again), or the store failed for good.
+            RetriesExhausted: ``store_error`` retries spent.
+        """
+        record = job.record
+        if record.bytes is None or record.sha256 is None:
+            raise ObjectStoreError(
+                "no verified size and sha256 recorded for the staged file",
+                code="staged_missing",
+                job_key=job.key,
+                retryable=False,
+            )
+        key = self.key_of(job.spec.relpath)
+        if not await asyncio.to_thread(staged.is_file):
+            if self._matches(await self._store.stat(key, job_key=job.key), record):
+                return
+            raise ObjectStoreError(
+                f"the staged file {staged} is gone and {self._store.url.bucket}/{key} is not "
+                "complete: the next run downloads the package again",
+                code="staged_missing",
+                job_key=job.key,
+                retryable=False,
+            )
+        await self._store.upload(
+            staged, key, size=record.bytes, sha256=record.sha256, job_key=job.key
+        )
+        await asyncio.to_thread(_remove_staged, staged)
+
+    async def confirm(self, records: list[JobRecord]) -> set[str]:
+        """Return the keys of the done jobs whose objects may be taken as present.
+
+        Without ``--check-existing`` that is all of them, with no request (SPEC §8); with it, the
+        ones a HEAD finds with the recorded size and ``sha256`` metadata. A HEAD that fails counts
+        as missing (a 403 is what S3 answers for a missing object without ``s3:ListBucket``).
+        """
+        if not self._check_existing:
+            return {record.key for record in records}
+        gate = asyncio.Semaphore(self._concurrency)
+        present: set[str] = set()
+
+        async def look(record: JobRecord) -> None:
+            async with gate:
+                try:
+                    info = await self._store.stat(self.key_of(record.relpath), job_key=record.key)
+                except (ObjectStoreError, RetriesExhausted):
+                    return
+            if self._matches(info, record):
+                present.add(record.key)
+
+        async with asyncio.TaskGroup() as group:
+            for record in records:
+                group.create_task(look(record))
+        return present
+
+    @staticmethod
+    def _matches(info: ObjectInfo | None, record: JobRecord) -> bool:
+        return info is not None and info.size == record.bytes and info.sha256 == record.sha256
+
+
+def _remove_staged(staged: Path) -> None:
+    """Remove an uploaded package's staged file (a failure leaves it for the operator: harmless)."""
+    with contextlib.suppress(OSError):
+        staged.unlink()
 
 
 def _job_errors(group: BaseExceptionGroup[BaseException]) -> list[JobError]:

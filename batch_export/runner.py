@@ -42,6 +42,7 @@ from batch_export.errors import (
     IllegalTransition,
     JobError,
     LocalIOError,
+    StoreAuthError,
     UrlRejected,
     VerificationError,
 )
@@ -124,6 +125,13 @@ class Uploader(Protocol):
 
         Raises:
             JobError: the upload failed (the job fails with its code).
+        """
+        ...
+
+    async def confirm(self, records: list[JobRecord]) -> set[str]:
+        """Return the keys of the done jobs whose objects still count as present.
+
+        Raises nothing for a missing object: it is simply not in the set (and is exported again).
         """
         ...
 
@@ -349,6 +357,10 @@ class Runner:
         keys = [job_key(spec) for spec in self.specs]
         stored = await self._store.load_many(keys)
         force = self.settings.force
+        confirmed = None  # object-store output: done objects the uploader takes as present
+        if self._uploader is not None and not force:
+            done = [record for record in stored.values() if record.state is JobState.DONE]
+            confirmed = await self._uploader.confirm(done)
         for index, (spec, key, source) in enumerate(
             zip(self.specs, keys, self.sources, strict=True)
         ):
@@ -362,7 +374,11 @@ class Runner:
             )
             job = Job(spec=spec, final=final, record=record, source=source)
             self.jobs.append(job)
-            intact = record.state is JobState.DONE and not force and _intact(job)
+            intact = (
+                record.state is JobState.DONE
+                and not force
+                and (key in confirmed if confirmed is not None else _intact(job))
+            )
             value, actions = step(JobValue(record), Loaded(intact, force), self._rules)
             self._values[key] = value
             if Skip() in actions:
@@ -552,9 +568,27 @@ class Runner:
             raise IllegalTransition("an upload was asked for, but the output is local")
         try:
             await self._uploader.upload(job, job.final)
+        except StoreAuthError as exc:
+            # Not the job's fault: it stays uploading (the next run resumes it) and the run stops.
+            self._open_breaker(self._problem(exc))
+            raise _Stop() from None
         except JobError as exc:
             return UploadFailed(self._problem(exc))
         return Uploaded()
+
+    def _open_breaker(self, problem: Problem) -> None:
+        """Stop the run for a failure that is plainly not the jobs' own (SPEC §9 breaker).
+
+        Unfinished jobs stay pending (exit 1). Today only the object store's ``store_auth`` opens
+        it; the run-wide breaker of SPEC §9 (API key refused, API unreachable) can call this too.
+        """
+        log.error(
+            "stopping the run: %s (%s); unfinished jobs stay pending for the next run",
+            problem.message,
+            problem.code,
+            extra={"event": "breaker_open", "error_code": problem.code},
+        )
+        self.request_stop(problem.code)
 
     def _check_inside_out_dir(self, final: Path) -> None:
         """Refuse a final path that a symlink inside the output dir would send elsewhere.

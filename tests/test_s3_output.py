@@ -1,0 +1,250 @@
+"""Object-store output end to end: the runner, the sandbox API and a real S3 server (SeaweedFS).
+
+Requests are counted at the sandbox (API, storage origin) and at a proxy in front of the S3 server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from batch_export.clock import SystemClock
+from batch_export.lifecycle import JobState, job_key
+from batch_export.manifest import ExportSpec
+from batch_export.objectstore import ObjectUploader, S3Store, StoreUrl
+from batch_export.retry import RetryPolicy
+from batch_export.runner import Outcome, Runner, RunResult
+from batch_export.sandbox import Sandbox, SandboxConfig
+from batch_export.store import MemoryStore
+from tests.s3server import (
+    AWS_USER_VARIABLES,
+    BUCKET,
+    READER_ACCESS_KEY,
+    READER_SECRET_KEY,
+    SECRET_KEY,
+    S3Proxy,
+    SeaweedS3,
+    Seen,
+    s3_environ,
+)
+from tests.test_e2e_runner import KEY, Recorder, served, settings, specs_from
+
+pytestmark = pytest.mark.anyio
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    async with Sandbox(SandboxConfig(keys=(KEY,), asset_size=20_000, rate=None)) as sb:
+        yield sb
+
+
+@pytest.fixture
+async def proxy(s3_server: SeaweedS3) -> AsyncIterator[S3Proxy]:
+    recorder = S3Proxy(upstream=s3_server.endpoint)
+    await recorder.start()
+    yield recorder
+    await recorder.close()
+
+
+@pytest.fixture
+def s3_env(proxy: S3Proxy, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name in AWS_USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    env = s3_environ(proxy.url)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@asynccontextmanager
+async def uploader(
+    url: StoreUrl, *, check_existing: bool = False, part_size: int = 5 * MiB
+) -> AsyncIterator[ObjectUploader]:
+    policy = RetryPolicy(clock=SystemClock(), retries=3, backoff_base=0.01, backoff_cap=0.02)
+    async with S3Store.connect(url, retry=policy, part_size=part_size) as store:
+        await store.check()
+        yield ObjectUploader(store, check_existing=check_existing)
+
+
+async def run_s3(
+    sandbox: Sandbox,
+    specs: list[ExportSpec],
+    staging: Path,
+    url: StoreUrl,
+    store: MemoryStore,
+    *,
+    check_existing: bool = False,
+    part_size: int = 5 * MiB,
+    **changes: object,
+) -> RunResult:
+    async with uploader(url, check_existing=check_existing, part_size=part_size) as up:
+        runner = Runner(
+            settings(sandbox, staging, state_dir=staging.parent / "state", **changes),
+            specs,
+            api_key=KEY,
+            store=store,
+            observer=Recorder(),
+            uploader=up,
+        )
+        return await runner.run()
+
+
+def _url() -> StoreUrl:
+    return StoreUrl("s3", BUCKET, f"nightly-{uuid.uuid4().hex[:8]}")
+
+
+async def test_ten_packages_end_as_ten_verified_objects(
+    sandbox: Sandbox, s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = _url()
+    specs = specs_from(sandbox, 10)
+    keys = {url.key_for(spec.relpath) for spec in specs}
+    early: list[str] = []
+
+    async def listing_before_writes(seen: Seen) -> None:
+        if seen.operation in {"PutObject", "CompleteMultipartUpload"}:
+            key = seen.path.split("/", 2)[2]
+            listed = await asyncio.to_thread(s3_server.objects, BUCKET, url.prefix)
+            if key in listed:
+                early.append(key)
+
+    proxy.before = listing_before_writes
+    store = MemoryStore()
+    result = await run_s3(sandbox, specs, tmp_path / "staging", url, store)
+    assert result.exit_code == 0
+    assert [job.outcome for job in result.jobs] == [Outcome.DOWNLOADED] * 10
+    assert early == []  # no object was under its final key before its upload completed
+    objects = s3_server.objects(BUCKET, url.prefix)
+    assert set(objects) == keys
+    for spec in specs:
+        data, metadata = s3_server.get(url.key_for(spec.relpath))
+        assert hashlib.sha256(data).hexdigest() == served(sandbox, spec)
+        assert metadata == {"sha256": served(sandbox, spec)}
+    assert s3_server.uploads(BUCKET, url.prefix) == []
+    # The staged files are gone once done; nothing of the packages stays on local disk.
+    assert [p for p in (tmp_path / "staging").rglob("*") if p.is_file()] == []
+    assert all(
+        store_record.state is JobState.DONE
+        for store_record in (await store.load_many([r.key for r in result.jobs])).values()
+    )
+
+    # A re-run skips every done job without any request to the API, the storage or the store.
+    await sandbox.idle()
+    sandbox.requests.clear()
+    proxy.requests.clear()
+    again = await run_s3(sandbox, specs, tmp_path / "staging", url, store)
+    assert again.exit_code == 0
+    assert [job.outcome for job in again.jobs] == [Outcome.SKIPPED] * 10
+    assert sandbox.requests == []
+    assert proxy.operations() == ["HeadBucket"]  # the start-up check, once
+
+
+async def test_check_existing_heads_done_objects_and_reexports_missing_ones(
+    sandbox: Sandbox, s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = _url()
+    specs = specs_from(sandbox, 4)
+    store = MemoryStore()
+    assert (await run_s3(sandbox, specs, tmp_path / "staging", url, store)).exit_code == 0
+    gone = url.key_for(specs[1].relpath)
+    s3_server.client().delete_object(Bucket=BUCKET, Key=gone)  # type: ignore[attr-defined]
+    # Without --check-existing the store is not asked: the missing object is not noticed.
+    proxy.requests.clear()
+    plain = await run_s3(sandbox, specs, tmp_path / "staging", url, store)
+    assert [job.outcome for job in plain.jobs] == [Outcome.SKIPPED] * 4
+    assert proxy.operations() == ["HeadBucket"]
+
+    await sandbox.idle()
+    sandbox.requests.clear()
+    proxy.requests.clear()
+    checked = await run_s3(sandbox, specs, tmp_path / "staging", url, store, check_existing=True)
+    assert checked.exit_code == 0
+    outcomes = [job.outcome for job in checked.jobs]
+    assert outcomes == [Outcome.SKIPPED, Outcome.DOWNLOADED, Outcome.SKIPPED, Outcome.SKIPPED]
+    assert sorted(proxy.operations()) == sorted(["HeadBucket"] + ["HeadObject"] * 4 + ["PutObject"])
+    assert len(sandbox.requests_to("storage", "GET")) == 1
+    data, metadata = s3_server.get(gone)
+    assert hashlib.sha256(data).hexdigest() == served(sandbox, specs[1]) == metadata["sha256"]
+
+
+async def test_refused_credentials_mid_run_open_the_breaker(
+    sandbox: Sandbox,
+    s3_server: SeaweedS3,
+    proxy: S3Proxy,
+    s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # A read-only identity passes the start-up check; every write is refused.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER_SECRET_KEY)
+    url = _url()
+    specs = specs_from(sandbox, 12)
+    store = MemoryStore()
+    result = await run_s3(sandbox, specs, tmp_path / "staging", url, store, downloads=2)
+    assert result.exit_code == 1
+    assert result.stopped_by == "store_auth"
+    assert [
+        (j.outcome, j.error_code) for j in result.jobs if j.outcome is not Outcome.PENDING
+    ] == []  # never failed
+    writes = [seen for seen in proxy.requests if seen.operation == "PutObject"]
+    assert 1 <= len(writes) <= 2  # the uploads in flight when the breaker opened, no retries
+    assert all(seen.status == 403 for seen in writes)
+    assert s3_server.objects(BUCKET, url.prefix) == {}
+    records = await store.load_many([job.key for job in result.jobs])
+    assert {r.state for r in records.values()} <= {
+        JobState.UPLOADING,
+        JobState.REQUESTING,
+        JobState.PREPARING,
+        JobState.READY,
+        JobState.DOWNLOADING,
+        JobState.VERIFYING,
+    }
+    assert any(r.state is JobState.UPLOADING for r in records.values())
+    assert all(
+        r.error_message is None or READER_SECRET_KEY not in r.error_message
+        for r in records.values()
+    )
+
+    # With working credentials the next run resumes the uploading jobs from their staged files.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_env["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    uploading = {k for k, r in records.items() if r.state is JobState.UPLOADING}
+    await sandbox.idle()
+    sandbox.requests.clear()
+    proxy.requests.clear()
+    again = await run_s3(sandbox, specs, tmp_path / "staging", url, store)
+    assert again.exit_code == 0
+    puts = [(r.path, json.loads(r.body)) for r in sandbox.requests_to("api", "PUT")]
+    for spec in specs:
+        body = {"inputs": list(spec.inputs), "outputs": list(spec.outputs)}
+        sent = (f"/v0/aoi/{spec.aoi_id}/insights/{spec.insight_id}/download", body) in puts
+        assert sent == (job_key(spec) not in uploading)
+    # No storage GET for the uploading jobs (a cancelled download may take two: 416, then 200).
+    packages = {get.path for get in sandbox.requests_to("storage", "GET")}
+    assert len(packages) == len(specs) - len(uploading)
+    assert len(s3_server.objects(BUCKET, url.prefix)) == 12
+
+
+async def test_multipart_package_through_the_runner(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with Sandbox(SandboxConfig(keys=(KEY,), asset_size=6 * MiB, rate=None)) as sandbox:
+        url = _url()
+        specs = specs_from(sandbox, 1)
+        result = await run_s3(sandbox, specs, tmp_path / "staging", url, MemoryStore())
+        assert result.exit_code == 0
+        data, metadata = s3_server.get(url.key_for(specs[0].relpath))
+        assert len(data) > 5 * MiB
+        assert hashlib.sha256(data).hexdigest() == served(sandbox, specs[0]) == metadata["sha256"]
+    parts = [seen for seen in proxy.requests if seen.operation == "UploadPart"]
+    assert len(parts) == -(-len(data) // (5 * MiB))
+    assert all(seen.headers.get("content-md5") for seen in parts)

@@ -18,6 +18,10 @@ Errors (:func:`describe_failure`): one table turns every aiohttp/OS/ssl exceptio
 :class:`NetworkFault` (a stable ``code``, a one-line message naming ``host:port`` and never the
 query string, and whether a retry can help). The API client and the downloader raise their own
 errors from it; nothing above this module sees an aiohttp or ``OSError`` type for a network failure.
+
+The seam for tests: the runner opens its sessions through a :class:`SessionFactory` (default
+:func:`open_sessions`); a fake one hands it :class:`HttpSession` subclasses whose ``request``
+answers from a script, so decisions and counts are tested without sockets (``tests/transport.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import truststore
@@ -52,6 +56,7 @@ __all__ = [
     "NetworkFault",
     "Proxy",
     "ProxyRules",
+    "SessionFactory",
     "Sessions",
     "check_environment",
     "describe_failure",
@@ -309,6 +314,16 @@ class Sessions:
 
     api: HttpSession
     storage: HttpSession
+
+
+class SessionFactory(Protocol):
+    """What opens a run's sessions: :func:`open_sessions`, or a fake transport in tests."""
+
+    def __call__(
+        self, *, api_connections: int, storage_connections: int, redactor: Redactor | None = None
+    ) -> AbstractAsyncContextManager[Sessions]:
+        """Open the sessions (see :func:`open_sessions`)."""
+        ...
 
 
 @asynccontextmanager

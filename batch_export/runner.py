@@ -46,7 +46,7 @@ from batch_export.errors import (
     UrlRejected,
     VerificationError,
 )
-from batch_export.http import HttpSession, open_sessions
+from batch_export.http import HttpSession, SessionFactory, open_sessions
 from batch_export.lifecycle import (
     Aborted,
     Action,
@@ -189,6 +189,8 @@ class Runner:
         discover: called with the run's API client once the sessions are open, before any job
             starts (SPEC §7): its jobs follow ``specs``, its failures fail without a request, its
             entries go to ``RunResult.discovery``. None: no discovery.
+        sessions: opens the run's HTTP sessions (default :func:`~batch_export.http.open_sessions`;
+            tests pass a fake transport).
     """
 
     def __init__(
@@ -206,6 +208,7 @@ class Runner:
         sources: Sequence[str] | None = None,
         uploader: Uploader | None = None,
         discover: Callable[[PixxelClient], Awaitable[Discovered]] | None = None,
+        sessions: SessionFactory = open_sessions,
     ) -> None:
         self.settings = settings
         self.specs = list(specs)
@@ -222,6 +225,7 @@ class Runner:
         self._rng = rng or random.Random()
         self._uploader = uploader
         self._discover = discover
+        self._open_sessions = sessions
         self._discovered = Discovered()
         self._preset: dict[int, Problem] = {}  # index into specs -> fails without a request
         self._rules = Rules(
@@ -251,7 +255,7 @@ class Runner:
     async def run(self) -> RunResult:
         """Run every job; return when each has an outcome. Never raises for a job's failure."""
         started = self._clock.monotonic()
-        async with open_sessions(
+        async with self._open_sessions(
             api_connections=min(self.settings.in_flight, API_CONNECTIONS),
             storage_connections=max(4, self.settings.downloads * 2),
             redactor=self._redact,

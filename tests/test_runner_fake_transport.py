@@ -1,0 +1,163 @@
+"""The runner on the fake transport (tests/transport.py): no socket, no real wait, counts exact."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import zipfile
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from batch_export.manifest import ExportSpec
+from batch_export.runner import Outcome, Runner, RunResult, Settings
+from batch_export.store import MemoryStore
+from tests.fakes import FakeClock
+from tests.test_e2e_runner import Recorder
+from tests.transport import FakeRequest, FakeResponse, FakeTransport, fake_sessions
+
+pytestmark = pytest.mark.anyio
+
+KEY = "fake-transport-key-8d2f"
+STORAGE = "https://bucket.storage.example.test"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def package(name: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{name}.tif", name.encode() * 3000)
+    return buf.getvalue()
+
+
+SPECS = [
+    ExportSpec("aoi-1", f"ins-{n}", (), ("layer",), f"job{n}", f"aoi-1/ins-{n}/job{n}.zip")
+    for n in range(3)
+]
+
+
+def api_handler(polls_until_ready: int) -> tuple[FakeTransport, dict[str, int]]:
+    seen: dict[str, int] = {}
+
+    async def answer(request: FakeRequest) -> FakeResponse:
+        assert request.headers["Authorization"] == KEY
+        insight = request.url.path.split("/")[5]
+        seen[insight] = seen.get(insight, 0) + 1
+        ready = seen[insight] > polls_until_ready
+        doc = {
+            "id": insight,
+            "status": "ready" if ready else "pending",
+            "signed_url": f"{STORAGE}/p/{insight}.zip?X-Amz-Signature=s1gn" if ready else "",
+        }
+        return FakeResponse(200, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+
+    return FakeTransport(answer), seen
+
+
+async def run(tmp_path: Path, api: FakeTransport, storage: FakeTransport) -> RunResult:
+    settings = Settings(
+        api_url="https://api.example.test",
+        out_dir=tmp_path,
+        state_dir=tmp_path / ".batch-export",
+        rate=50.0,
+        poll_interval=5.0,
+        poll_max_interval=30.0,
+        poll_timeout=3600.0,
+        retries=2,
+        read_timeout=60.0,
+        backoff_base=1.0,
+        backoff_cap=10.0,
+    )
+    runner = Runner(
+        settings,
+        SPECS,
+        api_key=KEY,
+        store=MemoryStore(),
+        observer=Recorder(),
+        clock=FakeClock(),
+        sessions=fake_sessions(api, storage),
+    )
+    return await runner.run()
+
+
+async def test_pending_then_ready_then_a_broken_body_resumes(tmp_path: Path) -> None:
+    api, puts = api_handler(polls_until_ready=2)
+    gets: dict[str, int] = {}
+
+    async def serve(request: FakeRequest) -> FakeResponse:
+        assert "Authorization" not in request.headers
+        name = request.url.path.rsplit("/", 1)[1].removesuffix(".zip")
+        gets[name] = gets.get(name, 0) + 1
+        body = package(name)
+        if gets[name] == 1:  # the first GET of each package breaks half-way
+            return FakeResponse(
+                200, body, {"ETag": f'"{name}"'}, chunk=4096, break_after=len(body) // 2
+            )
+        if "Range" in request.headers:
+            start = int(request.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            headers = {
+                "ETag": f'"{name}"',
+                "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}",
+            }
+            return FakeResponse(206, body[start:], headers)
+        return FakeResponse(200, body, {"ETag": f'"{name}"'})
+
+    storage = FakeTransport(serve)
+    result = await run(tmp_path, api, storage)
+
+    assert [job.outcome for job in result.jobs] == [Outcome.DOWNLOADED] * 3
+    for spec in SPECS:
+        written = (tmp_path / spec.relpath).read_bytes()
+        assert hashlib.sha256(written).digest() == hashlib.sha256(package(spec.insight_id)).digest()
+    assert puts == {"ins-0": 3, "ins-1": 3, "ins-2": 3}
+    assert gets == {"ins-0": 2, "ins-1": 2, "ins-2": 2}
+    resumed = [r for r in storage.requests if "Range" in r.headers]
+    assert len(resumed) == 3
+    assert (result.api_requests, result.storage_requests) == (9, 6)
+
+
+async def test_storage_dns_failure_names_the_host_and_the_proxy_variables(tmp_path: Path) -> None:
+    api, _ = api_handler(polls_until_ready=0)
+
+    async def unresolvable(request: FakeRequest) -> FakeResponse:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    storage = FakeTransport(unresolvable)
+    result = await run(tmp_path, api, storage)
+
+    assert [job.outcome for job in result.jobs] == [Outcome.FAILED] * 3
+    errors = {job.error_code for job in result.jobs}
+    assert errors == {"dns_error"}
+    message = result.jobs[0].error_message or ""
+    assert message.startswith(
+        "cannot resolve the host of storage at bucket.storage.example.test:443; "
+        "if this machine reaches the internet through a proxy, set HTTPS_PROXY"
+    )
+    assert "s1gn" not in message
+    assert len(storage.requests) == 3 * 3  # retries: 2 -> three tries per job
+
+
+async def test_a_server_disconnect_on_the_api_is_retried(tmp_path: Path) -> None:
+    answers, _ = api_handler(polls_until_ready=0)
+    calls = {"n": 0}
+
+    async def flaky(request: FakeRequest) -> FakeResponse:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise aiohttp.ServerDisconnectedError()
+        return await answers.handler(request)
+
+    async def serve(request: FakeRequest) -> FakeResponse:
+        name = request.url.path.rsplit("/", 1)[1].removesuffix(".zip")
+        return FakeResponse(200, package(name))
+
+    result = await run(tmp_path, FakeTransport(flaky), FakeTransport(serve))
+    assert [job.outcome for job in result.jobs] == [Outcome.DOWNLOADED] * 3
+    assert calls["n"] == 4

@@ -80,11 +80,16 @@ def execute_discover(manifest: Manifest, options: DiscoverOptions) -> int:
         print(f"batch-export: {exc.message}", file=sys.stderr)
         return 2
     redactor = Redactor([api_key])
+    if not manifest.discover:
+        print(f"batch-export: {manifest.path} has no discover: selectors", file=sys.stderr)
     try:
         resolution = anyio.run(_resolve, manifest, settings, api_key, redactor)
     except BatchExportError as exc:
         print(f"batch-export: {redactor(exc.message)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("batch-export: interrupted by SIGINT", file=sys.stderr)
+        return 130
     done = _done_keys(settings.state_dir, resolution)
     document = view_document(resolution, done)
     if options.as_json:

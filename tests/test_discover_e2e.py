@@ -434,3 +434,24 @@ def test_the_readme_nightly_example_works_as_written(tmp_path: Path) -> None:
         assert run("run").returncode == 0
         late = [p for p in tmp_path.rglob("ndvi-late.zip")]
         assert len(late) == 1
+
+
+def test_emit_manifest_refuses_a_path_explicit_entries_cannot_reproduce(tmp_path: Path) -> None:
+    with sandbox_thread(SandboxConfig(keys=(KEY,), rate=None)) as sandbox:
+        manifest = tmp_path / "dated.yaml"
+        manifest.write_text(
+            f"""version: 1
+api: {{url: "{sandbox.api_url}"}}
+output: {{path: "{{created_date}}/{{aoi_id}}/{{insight_id}}.zip"}}
+discover:
+  - aois: all
+    outputs: all
+"""
+        )
+        plain = tmp_path / "plain.yaml"
+        result = cli("discover", str(manifest), "--emit-manifest", str(plain), cwd=tmp_path)
+        assert result.returncode == 2
+        assert "cannot write" in result.stderr and "plain manifest" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not plain.exists()
+        assert sandbox.requests_to("api", "PUT") == [] and sandbox.requests_to("storage") == []

@@ -44,6 +44,7 @@ from batch_export.errors import (
     VerificationError,
 )
 from batch_export.http import HttpSession, describe_failure
+from batch_export.redact import redact_patterns
 from batch_export.retry import RetryPolicy
 from batch_export.safepath import PathProblem, open_dir, open_file, replace_in, unlink_in
 from batch_export.segments import UNIT_MIN, Ranges, Schedule, SegmentState, add_range
@@ -826,13 +827,18 @@ _XML_FIELD = re.compile(rb"<(Code|Message)>([^<]{0,200})</\1>")
 
 
 def _storage_error_text(status: int, body: bytes) -> str:
-    """Describe a storage refusal from its S3/GCS/Azure XML ``Code``/``Message`` when present."""
+    """Describe a storage refusal from its S3/GCS/Azure XML ``Code``/``Message`` when present.
+
+    Server text: redacted here, where it enters (signatures, credentials, userinfo).
+    """
     fields = {
         m.group(1).decode(): m.group(2).decode("utf-8", "replace")
         for m in _XML_FIELD.finditer(body)
     }
     detail = ": ".join(v for v in (fields.get("Code"), fields.get("Message")) if v)
-    return f"storage refused the signed URL (HTTP {status})" + (f": {detail}" if detail else "")
+    return f"storage refused the signed URL (HTTP {status})" + (
+        f": {redact_patterns(detail[:1000])}" if detail else ""
+    )
 
 
 class _LocalFailure(LocalIOError):

@@ -26,6 +26,7 @@ signed URL or a key reaches a log line::
 from __future__ import annotations
 
 __all__ = [
+    "UNREACHABLE_CODES",
     "ApiError",
     "BatchExportError",
     "IllegalTransition",
@@ -44,6 +45,11 @@ __all__ = [
     "UsageError",
     "VerificationError",
 ]
+
+#: Error codes meaning "the host could not be reached or did not answer" (one table:
+#: :func:`batch_export.http.describe_failure`): what a run-wide breaker counts as an unreachable
+#: API (SPEC §9), never the job's own fault.
+UNREACHABLE_CODES = frozenset({"network_error", "dns_error", "proxy_error", "timeout"})
 
 
 class BatchExportError(Exception):

@@ -362,3 +362,22 @@ def test_other_errnos_are_named_not_numbered() -> None:
         OSError(errno.EPROTO, "x"), url="https://s.example.com:9000/x", origin="storage"
     )
     assert fault.message == "storage at s.example.com:9000: EPROTO (protocol error)"
+
+
+async def test_unreachable_codes_cover_the_table_s_connection_rows() -> None:
+    from batch_export.errors import UNREACHABLE_CODES
+
+    refused = await fault_of(f"http://127.0.0.1:{closed_port()}/")
+    unresolved = await fault_of("https://api.pixxel.space/", resolver=FailingResolver())
+    timeout = describe_failure(TimeoutError(), url="https://a.example.com", origin="the API")
+    proxy = describe_failure(
+        aiohttp.ClientHttpProxyError(None, (), status=502),  # type: ignore[arg-type]
+        url="https://a.example.com",
+        origin="the API",
+    )
+    codes = {f.code for f in (refused, unresolved, timeout, proxy)}
+    assert codes == {"network_error", "dns_error", "timeout", "proxy_error"} == UNREACHABLE_CODES
+    descriptors = describe_failure(
+        OSError(24, "Too many open files"), url="https://a.example.com", origin="the API"
+    )
+    assert descriptors.code not in UNREACHABLE_CODES  # the process's own trouble, not the host's

@@ -161,3 +161,26 @@ async def test_a_server_disconnect_on_the_api_is_retried(tmp_path: Path) -> None
     result = await run(tmp_path, FakeTransport(flaky), FakeTransport(serve))
     assert [job.outcome for job in result.jobs] == [Outcome.DOWNLOADED] * 3
     assert calls["n"] == 4
+
+
+async def test_a_storage_refusal_echoing_secrets_reaches_no_sink_unredacted(tmp_path: Path) -> None:
+    api, _ = api_handler(polls_until_ready=0)
+    echo = (
+        "<Error><Code>AccessDenied</Code><Message>Request https://AKIAEXAMPLE:wJalrXUtnFEMI@bucket"
+        "/p/x.zip?X-Amz-Signature=s1gn refused for X-Amz-Credential=AKIAEXAMPLE/2026/s3 and "
+        "/p/x.zip?X-Amz-Signature=s1gn</Message><StringToSign>AWS4 s1gn</StringToSign></Error>"
+    ).encode()
+
+    async def refuse(request: FakeRequest) -> FakeResponse:
+        return FakeResponse(403, echo, {"Content-Type": "application/xml"})
+
+    result = await run(tmp_path, api, FakeTransport(refuse))
+    assert [job.outcome for job in result.jobs] == [Outcome.FAILED] * 3
+    message = result.jobs[0].error_message or ""
+    assert message == (
+        "storage refused the signed URL (HTTP 403): AccessDenied: Request "
+        "https://<redacted>@bucket/p/x.zip?<redacted> refused for X-Amz-Credential=<redacted> and "
+        "/p/x.zip?<redacted>"
+    )
+    for secret in ("s1gn", "wJalrXUtnFEMI", "AKIAEXAMPLE"):
+        assert secret not in json.dumps([job.error_message for job in result.jobs])

@@ -166,10 +166,10 @@ async def test_a_server_disconnect_on_the_api_is_retried(tmp_path: Path) -> None
 async def test_a_storage_refusal_echoing_secrets_reaches_no_sink_unredacted(tmp_path: Path) -> None:
     api, _ = api_handler(polls_until_ready=0)
     echo = (
-        "<Error><Code>AccessDenied</Code><Message>Request https://AKIAEXAMPLE:wJalrXUtnFEMI@bucket"
-        "/p/x.zip?X-Amz-Signature=s1gn refused for X-Amz-Credential=AKIAEXAMPLE/2026/s3 and "
-        "/p/x.zip?X-Amz-Signature=s1gn</Message><StringToSign>AWS4 s1gn</StringToSign></Error>"
-    ).encode()
+        b"<Error><Code>AccessDenied</Code><Message>Request https://AKIAEXAMPLE:wJalrXUtnFEMI@bucket"
+        b"/p/x.zip?X-Amz-Signature=s1gn refused for X-Amz-Credential=AKIAEXAMPLE/2026/s3 and "
+        b"/p/x.zip?X-Amz-Signature=s1gn</Message><StringToSign>AWS4 s1gn</StringToSign></Error>"
+    )
 
     async def refuse(request: FakeRequest) -> FakeResponse:
         return FakeResponse(403, echo, {"Content-Type": "application/xml"})

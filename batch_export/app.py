@@ -73,6 +73,7 @@ class RunOptions:
     state_dir: Path | None = None
     in_flight: int | None = None
     downloads: int | None = None
+    connections: int | None = None
     rate: float | None = None
     force: bool = False
     dry_run: bool = False
@@ -112,6 +113,8 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
         state_dir=state_dir,
         in_flight=int(pick(options.in_flight, limits.in_flight, defaults.in_flight)),
         downloads=int(pick(options.downloads, limits.downloads, defaults.downloads)),
+        connections=int(pick(options.connections, limits.connections, defaults.connections)),
+        segment_min=int(pick(None, limits.segment_min, defaults.segment_min)),
         rate=float(pick(options.rate, limits.rate, defaults.rate)),
         poll_interval=float(pick(None, limits.poll_interval, defaults.poll_interval)),
         poll_max_interval=float(pick(None, limits.poll_max_interval, defaults.poll_max_interval)),
@@ -128,6 +131,8 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
         settings = replace(settings, poll_max_interval=settings.poll_interval)
     if settings.in_flight < 1 or settings.downloads < 1 or settings.rate <= 0:
         raise UsageError("--in-flight and --downloads must be >= 1 and --rate > 0")
+    if settings.connections < 1 or settings.segment_min < 1:
+        raise UsageError("--connections and limits.segment_min must be >= 1")
     clash = state_dir_clash(
         manifest.exports, out_dir=settings.out_dir, state_dir=settings.state_dir
     )

@@ -99,6 +99,12 @@ def _load(path: Path) -> Manifest:
     help="Simultaneous downloads [default 4].",
 )
 @click.option(
+    "--connections",
+    type=click.IntRange(1, 64),
+    metavar="N",
+    help="Parallel range connections per download (1: a single stream) [default 8].",
+)
+@click.option(
     "--rate",
     type=click.FloatRange(min=0.0, min_open=True),
     metavar="R",
@@ -167,6 +173,7 @@ def run(
     state_dir: Path | None,
     in_flight: int | None,
     downloads: int | None,
+    connections: int | None,
     rate: float | None,
     max_runtime: float | None,
     shard: tuple[int, int] | None,
@@ -199,6 +206,7 @@ def run(
         state_dir=state_dir,
         in_flight=in_flight,
         downloads=downloads,
+        connections=connections,
         rate=rate,
         max_runtime=max_runtime,
         shard=shard,

@@ -18,6 +18,7 @@ Hooks for what builds on it: :meth:`Runner._make_downloader` (segmented download
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections import deque
@@ -89,6 +90,7 @@ from batch_export.lifecycle import (
 from batch_export.manifest import ExportSpec
 from batch_export.ratelimit import RateLimiter
 from batch_export.redact import Redactor
+from batch_export.segments import SegmentState
 from batch_export.store import JobStore
 from batch_export.types import (
     Discovered,
@@ -257,7 +259,8 @@ class Runner:
         started = self._clock.monotonic()
         async with self._open_sessions(
             api_connections=min(self.settings.in_flight, API_CONNECTIONS),
-            storage_connections=max(4, self.settings.downloads * 2),
+            # SPEC §4: downloads x connections storage connections at most
+            storage_connections=max(4, self.settings.downloads * self.settings.connections),
             redactor=self._redact,
         ) as sessions:
             api_session, storage_session = sessions.api, sessions.storage
@@ -485,7 +488,10 @@ class Runner:
                 return await self._upload(job, context)
             case DiscardPart():
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(_discard_quietly, context.part)
+                    await anyio.to_thread.run_sync(
+                        _discard_quietly, context.part, self.settings.out_dir
+                    )
+                    await self._store.save_segments(job.key, None)
                 return None
             case StopDownloads():
                 self._stop_downloads = True
@@ -533,7 +539,11 @@ class Runner:
             job.bytes_done += count
             self._observer.job_bytes(job, count)
 
+        async def on_segments(state: SegmentState | None) -> None:
+            await self._store.save_segments(job.key, state)
+
         try:
+            segments = await self._store.load_segments(job.key) if etag is not None else None
             context.transfer = await self._downloader.transfer(
                 context.package.signed_url,
                 context.part,
@@ -542,6 +552,11 @@ class Runner:
                 url_expired=lambda: self._url_expired(context),
                 on_attempt=on_attempt,
                 on_bytes=on_bytes,
+                connections=self.settings.connections,
+                segment_min=self.settings.segment_min,
+                segments=segments,
+                on_segments=on_segments,
+                root=self.settings.out_dir,
             )
         except UrlRejected as exc:
             return StorageRefused(self._problem(exc))
@@ -556,7 +571,10 @@ class Runner:
         assert transfer is not None  # verification follows the transfer
         try:
             await anyio.to_thread.run_sync(verify_package, context.part, transfer)
-            await anyio.to_thread.run_sync(commit_part, context.part, job.final)
+            await anyio.to_thread.run_sync(
+                functools.partial(commit_part, context.part, job.final, root=self.settings.out_dir)
+            )
+            await self._store.save_segments(job.key, None)
         except VerificationError as exc:
             return VerifyFailed(self._problem(exc))
         except LocalIOError as exc:
@@ -677,9 +695,9 @@ class _Guarded:
             log.error("progress observer failed: %s: %s", type(exc).__name__, exc)
 
 
-def _discard_quietly(part: Path) -> None:
+def _discard_quietly(part: Path, root: Path | None = None) -> None:
     try:
-        discard_part(part)
+        discard_part(part, root=root)
     except (LocalIOError, OSError):
         pass  # the disk is failing: the next run removes or resumes it
 

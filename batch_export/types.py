@@ -281,6 +281,8 @@ class Settings:
         state_dir: state store, lock and reports.
         in_flight: jobs being requested/polled at once.
         downloads: simultaneous downloads.
+        connections: parallel range connections per download (SPEC §4 segmented download).
+        segment_min: smallest package (bytes) fetched over several connections.
         rate: API requests/s for all jobs together, polls included.
         poll_interval, poll_max_interval: first and largest wait between polls.
         poll_timeout: a job pending longer than this fails (``poll_timeout``).
@@ -297,6 +299,8 @@ class Settings:
     state_dir: Path
     in_flight: int = DEFAULT_IN_FLIGHT
     downloads: int = DEFAULT_DOWNLOADS
+    connections: int = DEFAULT_CONNECTIONS
+    segment_min: int = DEFAULT_SEGMENT_MIN
     rate: float = DEFAULT_RATE
     poll_interval: float = DEFAULT_POLL_INTERVAL
     poll_max_interval: float = DEFAULT_POLL_MAX_INTERVAL

@@ -175,7 +175,7 @@ def test_sigterm_mid_download_exits_143_and_resumes_with_range(tmp_path: Path) -
         ins = aoi.insights[0]
         manifest = tmp_path / "m.yaml"
         manifest.write_text(
-            "version: 1\nlimits: {poll_interval: 0.05s}\nexports:\n"
+            "version: 1\nlimits: {poll_interval: 0.05s, connections: 1}\nexports:\n"
             f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", outputs: ["{ins.outputs[0]}", "{ins.outputs[1]}"]}}\n'
         )
         out = tmp_path / "exports"

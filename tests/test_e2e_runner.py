@@ -67,6 +67,7 @@ def settings(sandbox: Sandbox, out: Path, **changes: object) -> Settings:
         api_url=sandbox.api_url,
         out_dir=out,
         state_dir=out / ".batch-export",
+        connections=1,  # one stream, as these tests expect; segments: tests/test_segmented.py
         rate=50.0,
         poll_interval=0.02,
         poll_max_interval=0.05,

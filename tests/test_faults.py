@@ -97,6 +97,7 @@ def settings(sandbox: Sandbox, out: Path, **changes: Any) -> Settings:
         api_url=sandbox.api_url,
         out_dir=out,
         state_dir=out / ".batch-export",
+        connections=1,  # one stream, as these tests expect; segments: tests/test_segmented.py
         rate=1000.0,
         poll_interval=0.01,
         poll_max_interval=0.02,

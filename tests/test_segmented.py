@@ -467,3 +467,154 @@ async def test_a_symlink_planted_at_the_part_name_is_replaced_not_followed(
         assert_exact(part, transfer, data)
         part.unlink()
         part.symlink_to(outside)
+
+
+# ------------------------------------------------------------------------------- whole runs (CLI)
+
+
+def _stored_segments(state_dir: Path) -> SegmentState | None:
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(state_dir / "state.sqlite3", timeout=5)
+    try:
+        rows = db.execute("SELECT total, done FROM segments").fetchall()
+    except sqlite3.OperationalError:
+        return None  # not created yet
+    finally:
+        db.close()
+    if not rows:
+        return None
+    total, done = rows[0]
+    return SegmentState(total, tuple((a, b) for a, b in json.loads(done)))
+
+
+def test_kill_9_during_a_16_connection_download_then_the_rerun_fetches_only_missing_ranges(
+    tmp_path: Path,
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.fakes import clean_env, sandbox_thread
+
+    config = SandboxConfig(keys=(KEY,), asset_size=12 * MIB, rate=None, ready_after_puts=1)
+    config.storage_rate = 1.5 * MIB  # per connection: 16 of them move ~24 MiB/s
+    with sandbox_thread(config) as sandbox:
+        ins = INSIGHT
+        manifest = tmp_path / "m.yaml"
+        manifest.write_text(
+            "version: 1\nlimits: {poll_interval: 0.05s, connections: 16, segment_min: 1048576}\n"
+            f'exports:\n  - {{aoi_id: "{AOI.id}", insight_id: "{ins.id}", '
+            f'outputs: ["{ins.outputs[0]}", "{ins.outputs[1]}", "{ins.outputs[2]}"]}}\n'
+        )
+        argv = [sys.executable, "-m", "batch_export", "run", str(manifest)]
+        argv += ["--api-url", sandbox.api_url, "-q"]
+        environ = clean_env(PIXXEL_API_KEY=KEY)
+        state_dir = tmp_path / "exports" / ".batch-export"
+        proc = subprocess.Popen(argv, env=environ, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            saved = _stored_segments(state_dir) if state_dir.exists() else None
+            if saved is not None and saved.done_bytes > 8 * MIB:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        saved = _stored_segments(state_dir)
+        assert saved is not None and 0 < saved.done_bytes < saved.total
+        settle = time.monotonic() + 10
+        while sandbox._active and time.monotonic() < settle:  # handlers of the dead connections
+            time.sleep(0.01)
+        first = [r for r in sandbox.requests_to("storage", "GET")]
+        first_served = sum(r.bytes_sent for r in first)
+        assert len(first) >= 16
+        sandbox.requests.clear()
+        sandbox.config.storage_rate = None
+        second = subprocess.run(argv, env=environ, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+        gets_now = sandbox.requests_to("storage", "GET")
+        covered: tuple[tuple[int, int], ...] = ()
+        for request in gets_now:
+            first_byte, _, last = (
+                (request.header("Range") or "").removeprefix("bytes=").partition("-")
+            )
+            assert last, "the re-run asked an open range: it fetched from scratch"
+            covered = add_range(covered, int(first_byte), int(last) + 1)
+        assert covered == missing_ranges(saved.total, saved.done)
+        assert sum(r.bytes_sent for r in gets_now) == saved.total - saved.done_bytes
+        # bytes the killed run received but had not recorded: about two pieces per connection
+        # (one being gathered, one being written), plus what the first GET sent past its range
+        assert first_served - saved.done_bytes <= 16 * 2 * PIECE_SIZE + 4 * MIB
+        final = tmp_path / "exports" / AOI.id / ins.id / f"{ins.id}.zip"
+        digest = hashlib.sha256(final.read_bytes()).hexdigest()
+        assert digest == sandbox.package_bytes_sha256(AOI.id, ins.id, (), tuple(ins.outputs[:3]))
+        assert _stored_segments(state_dir) is None  # forgotten once done
+
+
+async def test_url_expiry_mid_download_costs_one_fresh_put_then_only_the_missing_ranges(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    from batch_export.manifest import ExportSpec
+    from batch_export.runner import Runner
+    from batch_export.store import MemoryStore
+    from batch_export.types import Outcome, Settings
+
+    sandbox.config.storage_rate = 2 * MIB
+    sandbox.config.ready_after_puts = 1
+    spec = ExportSpec(AOI.id, INSIGHT.id, INSIGHT.inputs, INSIGHT.outputs, "pkg", "pkg.zip")
+    settings = Settings(
+        api_url=sandbox.api_url,
+        out_dir=tmp_path,
+        state_dir=tmp_path / ".state",
+        connections=8,
+        segment_min=SEGMENT_MIN,
+        rate=100.0,
+        poll_interval=0.01,
+        retries=3,
+        read_timeout=5.0,
+        backoff_base=0.01,
+        backoff_cap=0.02,
+    )
+    store = MemoryStore()
+    at_expiry: list[SegmentState | None] = []
+
+    def progress() -> int:
+        state = next(iter(store.segments.values()), None)
+        return 0 if state is None else state.done_bytes
+
+    async def expire_soon() -> None:
+        with anyio.fail_after(30):
+            while progress() < 4 * MIB:
+                await anyio.sleep(0.01)
+        at_expiry.append(next(iter(store.segments.values())))
+        sandbox.config.clock = lambda: time.time() + 7200  # the URL's hour is over
+
+    class Quiet:
+        def job_state(self, job: Any) -> None: ...
+        def job_bytes(self, job: Any, count: int) -> None: ...
+        def job_finished(self, result: Any) -> None: ...
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(expire_soon)
+        result = await Runner(settings, [spec], api_key=KEY, store=store, observer=Quiet()).run()
+    await sandbox.idle()
+    assert [job.outcome for job in result.jobs] == [Outcome.DOWNLOADED]
+    data = package(sandbox)
+    assert (tmp_path / "pkg.zip").read_bytes() == data
+    requests = sandbox.requests
+    refused = [i for i, r in enumerate(requests) if r.origin == "storage" and r.status == 403]
+    assert refused, "the URL never expired mid-download"
+    puts = [i for i, r in enumerate(requests) if r.origin == "api"]
+    assert len([i for i in puts if i > refused[0]]) == 1  # one fresh PUT
+    after = [r for r in requests[puts[-1] :] if r.origin == "storage"]
+    asked: tuple[tuple[int, int], ...] = ()
+    for r in after:
+        first, _, last = (r.header("Range") or "").removeprefix("bytes=").partition("-")
+        assert last, "a fetch from scratch after the refresh"
+        asked = add_range(asked, int(first), int(last) + 1)
+    fetched_before = len(data) - sum(stop - start for start, stop in asked)
+    assert at_expiry[0] is not None and fetched_before >= at_expiry[0].done_bytes > 0
+    assert sum(r.bytes_sent for r in after) == sum(stop - start for start, stop in asked)
+    assert store.segments == {}  # forgotten once done

@@ -66,6 +66,7 @@ async def run(tmp_path: Path, api: FakeTransport, storage: FakeTransport) -> Run
         api_url="https://api.example.test",
         out_dir=tmp_path,
         state_dir=tmp_path / ".batch-export",
+        connections=1,  # one stream, as these tests expect; segments: tests/test_segmented.py
         rate=50.0,
         poll_interval=5.0,
         poll_max_interval=30.0,

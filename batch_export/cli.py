@@ -1,7 +1,8 @@
-"""The ``batch-export`` command line: parses, then hands over to :mod:`batch_export.app`.
+"""The ``batch-export`` command line: a thin layer over the run of :mod:`batch_export.app`.
 
-Exit codes (SPEC §2): 0 all done; 1 some job failed; 2 usage or manifest error (nothing requested);
-75 another run holds the state-dir lock.
+It parses options, sets up logging on stderr, owns the process-wide parts (signals through
+:class:`~batch_export.signals.SignalRelay`, the exit code through ``sys.exit``) and prints errors
+as one line. Exit codes: :class:`batch_export.types.ExitCode` (SPEC §2).
 """
 
 from __future__ import annotations
@@ -11,14 +12,22 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import anyio
 import click
 
 from batch_export import __version__
-from batch_export.app import RunOptions, execute_run, plan_lines
-from batch_export.errors import BatchExportError, ManifestError
+from batch_export.app import run_export
+from batch_export.config import RunOptions, parse_shard
+from batch_export.errors import BatchExportError, LockHeldError, ManifestError
+from batch_export.logs import configure_logging
 from batch_export.manifest import DiscoverSelector, ExportSpec, Manifest, load_manifest
+from batch_export.plan import plan_lines
+from batch_export.redact import Redactor
+from batch_export.report import new_run_id
 from batch_export.sandbox.cli import sandbox_command
-from batch_export.signals import Interrupted, install_handlers
+from batch_export.signals import Interrupted, SignalRelay
+from batch_export.stop import StopController
+from batch_export.types import ExitCode
 from batch_export.units import parse_duration
 
 __all__ = ["main"]
@@ -34,8 +43,8 @@ def main() -> None:
     \b
     Exit codes: 0 every job done; 1 some job failed (see the report); 2 usage or
     manifest error, nothing requested; 3 stopped by --max-runtime with jobs left;
-    75 another run holds the lock on the state dir; 130/143 interrupted by SIGINT/SIGTERM
-    (work checkpointed, the next run resumes).
+    75 another run holds the lock on the state dir; 130/143/129 interrupted by
+    SIGINT/SIGTERM/SIGHUP (work checkpointed, the next run resumes).
     """
 
 
@@ -51,10 +60,10 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
-    index, sep, count = value.partition("/")
-    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise click.BadParameter("expected K/N with 0 <= K < N, e.g. 0/4")
-    return int(index), int(count)
+    try:
+        return parse_shard(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _load(path: Path) -> Manifest:
@@ -193,7 +202,8 @@ def run(
     The API key comes from the environment variable named by the manifest's api.key_env (default
     PIXXEL_API_KEY), or from a file named by api.key_file or PIXXEL_API_KEY_FILE.
     """
-    install_handlers()  # from here on SIGINT/SIGTERM end in exit 130/143, never a traceback
+    relay = SignalRelay()
+    relay.install()  # from here on SIGINT/SIGTERM/SIGHUP end in exit 130/143/129, never a traceback
     if quiet and verbose:
         raise click.UsageError("--quiet and --verbose exclude each other")
     try:
@@ -220,7 +230,7 @@ def run(
         allow_http=allow_http,
         progress_interval=progress_interval,
     )
-    sys.exit(execute_run(loaded, options))
+    sys.exit(_execute(loaded, options, relay))
 
 
 @main.command(context_settings=_CONTEXT)
@@ -309,14 +319,17 @@ def demo(out: Path, progress: bool | None) -> None:
     logging.getLogger("batch_export.sandbox").setLevel(
         logging.WARNING
     )  # its access log is noise here
+    relay = SignalRelay()
+    relay.install()
     with start_blocking_portal(backend="asyncio") as portal:
         sandbox = Sandbox(config)
         portal.call(sandbox.start)
         click.echo(f"sandbox API at {sandbox.api_url}, storage at {sandbox.storage_url}", err=True)
         try:
-            code = execute_run(
+            code = _execute(
                 loaded,
                 RunOptions(api_url=sandbox.api_url, out=out, api_key=DEMO_KEY, progress=progress),
+                relay,
             )
         finally:
             portal.call(sandbox.close)
@@ -354,7 +367,7 @@ def status(
     count; stored jobs whose entry is gone or was edited show as "stale". Reads only; safe while a
     run is going on.
     """
-    from batch_export.app import resolve_dirs
+    from batch_export.config import resolve_dirs
     from batch_export.status import read_status, render_status
 
     specs: tuple[ExportSpec, ...] | None = None
@@ -378,3 +391,46 @@ def status(
 
 
 main.add_command(sandbox_command)
+
+
+def _execute(manifest: Manifest, options: RunOptions, relay: SignalRelay) -> int:
+    """Run ``manifest`` on an event loop of its own; return the exit code (SPEC §2)."""
+    run_id = new_run_id()
+    redactor = Redactor([options.api_key] if options.api_key else [])
+    configure_logging(
+        verbosity=options.verbosity, redactor=redactor, log_format=options.log_format, run_id=run_id
+    )
+    stop = StopController()
+
+    async def run() -> int:
+        relay.relay_to(stop)
+        try:
+            result = await run_export(
+                manifest, options, stop=stop, redactor=redactor, run_id=run_id
+            )
+        except LockHeldError as exc:
+            _say(options, f"batch-export: {redactor(exc.message)}")
+            return ExitCode.LOCKED
+        except BatchExportError as exc:
+            _say(options, f"batch-export: {redactor(exc.message)}")
+            return ExitCode.USAGE
+        finally:
+            relay.finishing()
+        for line in result.plan:
+            click.echo(line)
+        return result.exit_code
+
+    try:
+        return anyio.run(run)
+    except Interrupted as exc:  # before the loop relayed signals: nothing ran
+        relay.finishing()
+        _say(options, f"batch-export: interrupted by {exc}")
+        return exc.exit_code
+
+
+def _say(options: RunOptions, message: str) -> None:
+    """An error before or around the run: a JSON line under --log-format json, else plain text."""
+    if options.log_format == "json":
+        logging.getLogger("batch_export").error("%s", message, extra={"event": "run_error"})
+    else:
+        click.echo(message, err=True)

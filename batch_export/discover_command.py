@@ -30,8 +30,8 @@ import anyio
 import yaml
 
 from batch_export.api import API_CONNECTIONS, PixxelClient
-from batch_export.app import RunOptions, resolve_api_key, resolve_settings
 from batch_export.clock import SystemClock
+from batch_export.config import RunOptions, resolve_api_key, resolve_settings
 from batch_export.discovery import Action
 from batch_export.errors import BatchExportError, ManifestError
 from batch_export.http import open_sessions

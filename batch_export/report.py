@@ -16,7 +16,7 @@ from batch_export.clock import utc_timestamp
 from batch_export.redact import Redactor
 from batch_export.types import DiscoveryEntry, JobResult, Outcome, RunResult
 
-__all__ = ["build_report", "new_run_id", "utc_timestamp", "write_report"]
+__all__ = ["build_report", "new_run_id", "outcome_counts", "utc_timestamp", "write_report"]
 
 log = logging.getLogger("batch_export")
 
@@ -27,18 +27,21 @@ def new_run_id(now: float | None = None) -> str:
     return f"{stamp:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
+def outcome_counts(result: RunResult | None) -> dict[str, int]:
+    """Return ``{"total": n, "downloaded": …, "skipped": …, "failed": …, "pending": …}``."""
+    jobs = result.jobs if result else ()
+    counts = {"total": len(jobs)} | {str(outcome): 0 for outcome in Outcome}
+    for job in jobs:
+        counts[str(job.outcome)] += 1
+    return counts
+
+
 def build_report(
     *, run_id: str, started_at: float, finished_at: float, exit_code: int, result: RunResult | None
 ) -> dict[str, Any]:
     """Return the run report document (SPEC §5)."""
     jobs = result.jobs if result else ()
-    counts = {
-        "total": len(jobs),
-        "downloaded": sum(1 for j in jobs if j.outcome is Outcome.DOWNLOADED),
-        "skipped": sum(1 for j in jobs if j.outcome is Outcome.SKIPPED),
-        "failed": sum(1 for j in jobs if j.outcome is Outcome.FAILED),
-        "pending": sum(1 for j in jobs if j.outcome is Outcome.PENDING),
-    }
+    counts = outcome_counts(result)
     return {
         "run_id": run_id,
         "started_at": utc_timestamp(started_at),

@@ -91,6 +91,7 @@ from batch_export.manifest import ExportSpec
 from batch_export.ratelimit import RateLimiter
 from batch_export.redact import Redactor
 from batch_export.segments import SegmentState
+from batch_export.stop import StopController
 from batch_export.store import JobStore
 from batch_export.types import (
     Discovered,
@@ -193,6 +194,7 @@ class Runner:
             entries go to ``RunResult.discovery``. None: no discovery.
         sessions: opens the run's HTTP sessions (default :func:`~batch_export.http.open_sessions`;
             tests pass a fake transport).
+        stop: the run's stop controller (signals, cancellation); a fresh one by default.
     """
 
     def __init__(
@@ -210,7 +212,8 @@ class Runner:
         sources: Sequence[str] | None = None,
         uploader: Uploader | None = None,
         discover: Callable[[PixxelClient], Awaitable[Discovered]] | None = None,
-        sessions: SessionFactory = open_sessions,
+        sessions: SessionFactory | None = None,
+        stop: StopController | None = None,
     ) -> None:
         self.settings = settings
         self.specs = list(specs)
@@ -227,7 +230,7 @@ class Runner:
         self._rng = rng or random.Random()
         self._uploader = uploader
         self._discover = discover
-        self._open_sessions = sessions
+        self._open_sessions = sessions or open_sessions
         self._discovered = Discovered()
         self._preset: dict[int, Problem] = {}  # index into specs -> fails without a request
         self._rules = Rules(
@@ -246,8 +249,14 @@ class Runner:
         self._values: dict[str, JobValue] = {}
         self._max_runtime = max_runtime
         self._jobs_scope: anyio.CancelScope | None = None  # made inside the event loop
-        self.stopped_by: str | None = None
+        self.stop = stop or StopController()
+        self.stop.on_stop(self._cancel_jobs)
         self.jobs: list[Job] = []
+
+    @property
+    def stopped_by(self) -> str | None:
+        """Why the run stopped early (see :class:`~batch_export.stop.StopController`), or None."""
+        return self.stop.reason
 
     @property
     def limiter(self) -> RateLimiter:
@@ -319,7 +328,7 @@ class Runner:
         """Admit jobs in order (bounded), until all ran or a stop was requested."""
         admission = anyio.Semaphore(self.settings.in_flight + self.settings.downloads)
         self._jobs_scope = anyio.CancelScope()
-        if self.stopped_by is not None:
+        if self.stop.requested:
             self._jobs_scope.cancel()
         with self._jobs_scope:
             async with anyio.create_task_group() as tg:
@@ -330,27 +339,20 @@ class Runner:
                     tg.start_soon(self._run_job, job, admission)
 
     def request_stop(self, reason: str) -> None:
-        """Stop: admit no new job and cancel the running ones at their current step.
+        """Stop for ``reason`` (see :meth:`StopController.request`)."""
+        self.stop.request(reason)
+
+    def _cancel_jobs(self) -> None:
+        """Admit no new job and cancel the running ones at their current step.
 
         Every transition is already saved and ``.part`` files are kept, so the next run resumes.
-        ``reason`` is ``"SIGINT"``, ``"SIGTERM"``, ``"SIGHUP"`` or ``"max_runtime"`` (the first one
-        wins, except that a signal outranks the time budget).
         """
-        if self.stopped_by is None or (
-            self.stopped_by == "max_runtime" and reason != "max_runtime"
-        ):  # a signal outranks the time budget (exit 130/143 before 3)
-            self.stopped_by = reason
-            log.warning(
-                "stopping (%s): in-flight work is checkpointed for the next run",
-                reason,
-                extra={"event": "run_stopping"},
-            )
         if self._jobs_scope is not None:
             self._jobs_scope.cancel()
 
     async def _stop_at(self, deadline: float) -> None:
         await self._clock.sleep(max(0.0, deadline - self._clock.monotonic()))
-        self.request_stop("max_runtime")
+        self.stop.request("max_runtime")
 
     # ----------------------------------------------------------------- set-up
 

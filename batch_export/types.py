@@ -19,7 +19,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:  # typing only: the manifest is not imported at run time (this module is a leaf)
     from batch_export.manifest import ExportSpec
@@ -49,9 +49,11 @@ __all__ = [
     "STATE_DIR_NAME",
     "STATE_ENTRIES",
     "STATE_FILE",
+    "STOP_EXIT_CODES",
     "Discovered",
     "DiscoveryEntry",
     "ExitCode",
+    "ExportResult",
     "Job",
     "JobRecord",
     "JobResult",
@@ -412,11 +414,13 @@ class Discovered:
     entries: tuple[DiscoveryEntry, ...] = ()
 
 
-#: Stop reasons that are signals, with their exit codes.
-_SIGNAL_EXITS: Final = {
+#: Stop reasons that decide the exit code by themselves (SPEC §2). ``"max_runtime"`` gives 3 only
+#: when jobs are left; ``"cancelled"`` (the Python API's task was cancelled) checkpoints like SIGINT.
+STOP_EXIT_CODES: Final = {
     "SIGINT": ExitCode.SIGINT,
     "SIGTERM": ExitCode.SIGTERM,
     "SIGHUP": ExitCode.SIGHUP,
+    "cancelled": ExitCode.SIGINT,
 }
 
 
@@ -459,8 +463,8 @@ class RunResult:
         failed (or was left pending), 0 when every job is done.
         """
         pending = any(job.outcome is Outcome.PENDING for job in self.jobs)
-        if self.stopped_by in _SIGNAL_EXITS:
-            return int(_SIGNAL_EXITS[self.stopped_by])
+        if self.stopped_by in STOP_EXIT_CODES:
+            return int(STOP_EXIT_CODES[self.stopped_by])
         if self.stopped_by == "max_runtime" and pending:
             return int(ExitCode.MAX_RUNTIME)
         ok = {Outcome.DOWNLOADED, Outcome.SKIPPED}
@@ -481,3 +485,28 @@ class RunObserver(Protocol):
 
     def job_finished(self, result: JobResult) -> None:
         """A job reached its outcome for this run."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    """What a run did: the same facts as its JSON report (SPEC §5, §10).
+
+    Attributes:
+        exit_code: the run's exit code (SPEC §2), also recorded in the report and the metrics.
+        run_id: the run's id (the report's file name).
+        counts: ``{"total": …, "downloaded": …, "skipped": …, "failed": …, "pending": …}``.
+        jobs: the report's job entries (``key``, ``outcome``, ``path``, ``sha256``, ``error``, …).
+        report: the whole report document (None for a dry run).
+        report_path: where the report was written (None for a dry run).
+        plan: for a dry run, the plan lines that ``--dry-run`` prints.
+        result: the runner's own :class:`RunResult` (None for a dry run).
+    """
+
+    exit_code: int
+    run_id: str
+    counts: dict[str, int] = field(default_factory=dict)
+    jobs: tuple[dict[str, Any], ...] = ()
+    report: dict[str, Any] | None = None
+    report_path: Path | None = None
+    plan: tuple[str, ...] = ()
+    result: RunResult | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,27 @@ def test_value_types_module_is_a_leaf() -> None:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_only_the_cli_and_api_layer_imports_the_runner(name: str) -> None:
-    if name in {"batch_export.runner", "batch_export.app", "batch_export.cli"}:
+    if name in {
+        "batch_export.runner",
+        "batch_export.app",
+        "batch_export.cli",
+        "batch_export.exporter",
+    }:
         return
     assert "batch_export.runner" not in _project_imports(name)
+
+
+def test_readme_module_table_matches_the_tree() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            named |= set(re.findall(r"`([\w./]+)`", row.split(" | ")[0]))
+    package = Path(batch_export.__file__).parent
+    tree = {
+        p.name + ("/" if p.is_dir() else "")
+        for p in package.iterdir()
+        if not p.name.startswith((".", "__pycache__"))
+    }
+    assert named == tree

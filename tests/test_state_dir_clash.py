@@ -7,8 +7,9 @@ from pathlib import Path, PurePosixPath
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batch_export.app import STATE_ENTRIES, state_dir_clash
+from batch_export.config import state_dir_clash
 from batch_export.manifest import ExportSpec
+from batch_export.types import STATE_ENTRIES
 
 OUT = Path("/srv/exports")
 NAMES = [".batch-export", "reports", "lock", "state.sqlite3", "state.sqlite3-wal", "a", "b.zip"]

@@ -231,7 +231,7 @@ def test_duplicate_key_in_a_selector() -> None:
 
 
 def test_the_plan_counts_selectors() -> None:
-    from batch_export.app import plan_lines
+    from batch_export.plan import plan_lines
 
     m = parse(
         """\

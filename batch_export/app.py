@@ -133,6 +133,7 @@ async def _run_locked(
         display = ProgressDisplay(total=len(specs), limiter=lambda: runner.limiter.stats)
         observers.append(display)
     ticker = None
+    tally: Tally | None = None
     if display is None and unattended and options.progress_interval > 0:
         tally = Tally(
             total=len(specs), clock=time.monotonic, request_rate=lambda: runner.limiter.stats.rate
@@ -148,7 +149,7 @@ async def _run_locked(
         redactor=redactor,
         max_runtime=options.max_runtime,
         stop=stop,
-        discover=_discover_hook(manifest, settings, specs, options.shard),
+        discover=_discover_hook(manifest, settings, specs, options.shard, [display, tally]),
     )
     log.info(
         "run %s: %d job(s) from %s into %s",
@@ -231,15 +232,25 @@ def _discover_hook(
     settings: Settings,
     explicit: tuple[ExportSpec, ...],
     shard: tuple[int, int] | None,
+    counters: list[ProgressDisplay | Tally | None],
 ) -> Callable[[PixxelClient], Awaitable[Discovered]] | None:
-    """The runner's discovery step when the manifest has ``discover:`` selectors (SPEC §7)."""
+    """The runner's discovery step when the manifest has ``discover:`` selectors (SPEC §7).
+
+    ``counters``: progress displays whose job total grows by the discovered jobs.
+    """
     if not manifest.discover:
         return None
     keep = None
     if shard is not None:
         index, count = shard
         keep = lambda spec: shard_of(job_key(spec), count) == index  # noqa: E731
-    return run_hook(manifest, settings, explicit=explicit, keep=keep)
+
+    def on_jobs(count: int) -> None:
+        for counter in counters:
+            if counter is not None:
+                counter.add_jobs(count)
+
+    return run_hook(manifest, settings, explicit=explicit, keep=keep, on_jobs=on_jobs)
 
 
 def _log_summary(result: RunResult, exit_code: int, report_path: Path) -> None:

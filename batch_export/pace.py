@@ -101,6 +101,10 @@ class Tally:
     _sizes: list[int] = field(default_factory=list)  # sizes of packages seen (bytes)
     _sized: set[str] = field(default_factory=set)
 
+    def add_jobs(self, count: int) -> None:
+        """``count`` more jobs joined the run (discovered at run time)."""
+        self.total += count
+
     # -- RunObserver
 
     def job_state(self, job: Job) -> None:

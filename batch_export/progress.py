@@ -183,6 +183,11 @@ class ProgressDisplay:
             console=self.console,
         )
 
+    def add_jobs(self, count: int) -> None:
+        """``count`` more jobs joined the run (discovered at run time)."""
+        self._total += count
+        self.tally.add_jobs(count)
+
     def __rich__(self) -> Group:
         """The whole display, rebuilt at each refresh."""
         line = progress_line(self.tally.snapshot()).removeprefix("progress: ")

@@ -145,11 +145,13 @@ def run_hook(
     *,
     explicit: Sequence[ExportSpec],
     keep: Callable[[ExportSpec], bool] | None = None,
+    on_jobs: Callable[[int], None] | None = None,
 ) -> Callable[[PixxelClient], Awaitable[Discovered]]:
     """The runner's ``discover`` hook for ``manifest``: list with the run's client, then resolve.
 
     Listing requests wait for a turn at most ``poll_timeout`` seconds (429 pauses included). Each
-    failed listing is logged as a warning (cron mails it under ``-q``).
+    failed listing is logged as a warning (cron mails it under ``-q``). ``on_jobs(n)`` is told how
+    many jobs discovery adds (progress displays count them).
     """
 
     async def hook(client: PixxelClient) -> Discovered:
@@ -183,6 +185,15 @@ def run_hook(
                     entry.selected,
                     extra={"event": "discover_listed"},
                 )
-        return resolution.discovered
+        found = resolution.discovered
+        log.info(
+            "discovered %d job(s) from %d selector(s)",
+            len(found.specs),
+            len(manifest.discover),
+            extra={"event": "discovered"},
+        )
+        if on_jobs is not None:
+            on_jobs(len(found.specs))
+        return found
 
     return hook

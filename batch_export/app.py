@@ -89,7 +89,7 @@ async def run_export(
             exit_code=0, run_id=run_id, plan=tuple(plan_lines(manifest, settings, specs))
         )
     api_key = options.api_key or resolve_api_key(manifest)
-    check_environment()  # proxy and CA variables: a bad one is a usage error
+    check_environment(redactor=redactor)  # proxy/CA variables: a bad one is a usage error
     for option, path in (("--report", options.report), ("--metrics-file", options.metrics_file)):
         if path is not None:
             check_writable(option, path)

@@ -267,13 +267,22 @@ def tls_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
         raise UsageError(f"SSL_CERT_FILE={cafile}: cannot load the CA bundle ({reason})") from None
 
 
-def check_environment(environ: Mapping[str, str] | None = None) -> None:
+def check_environment(
+    environ: Mapping[str, str] | None = None, *, redactor: Redactor | None = None
+) -> None:
     """Check the proxy and CA variables before a run starts (so a bad one is one line, exit 2).
+
+    Args:
+        environ: where the variables are read (default: ``os.environ``).
+        redactor: learns the proxy passwords at once, before anything is logged.
 
     Raises:
         UsageError: as :meth:`ProxyRules.from_env` and :func:`tls_context` do.
     """
-    ProxyRules.from_env(environ)
+    proxies = ProxyRules.from_env(environ)
+    if redactor is not None:
+        for secret in proxies.secrets:
+            redactor.add(secret)
     tls_context(environ)
 
 

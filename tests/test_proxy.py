@@ -23,6 +23,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,9 @@ class ProxyServer:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_proxy(tmp_path: Path, *, auth: bool) -> Iterator[ProxyServer]:
+def start_proxy(
+    tmp_path: Path, *, auth: bool, tls: trustme.CA | None = None
+) -> Iterator[ProxyServer]:
     port_file, record = tmp_path / "proxy.port", tmp_path / "proxy.jsonl"
     args = [
         sys.executable,
@@ -100,6 +103,12 @@ def start_proxy(tmp_path: Path, *, auth: bool) -> Iterator[ProxyServer]:
     ]
     if auth:
         args += ["--basic-auth", f"{USER}:{PASSWORD}"]
+    if tls is not None:  # the proxy itself speaks TLS (an https:// proxy URL)
+        leaf = tls.issue_cert("127.0.0.1")
+        leaf.private_key_pem.write_to_path(str(tmp_path / "proxy-key.pem"))
+        leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "proxy-cert.pem"))
+        args += ["--key-file", str(tmp_path / "proxy-key.pem")]
+        args += ["--cert-file", str(tmp_path / "proxy-cert.pem")]
     env = clean_env(PYTHONPATH=str(ROOT), PROXY_RECORD=str(record))
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
     try:
@@ -436,3 +445,20 @@ def test_proxy_variables_never_apply_to_loopback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "out").rglob("*.zip"))) == 7
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_https_proxy_is_reached_over_tls(
+    tmp_path: Path, tls_origins: Origins, ca: tuple[trustme.CA, Path], anyio_backend: str
+) -> None:
+    authority, pem = ca
+    with contextmanager(start_proxy)(tmp_path, auth=False, tls=authority) as server:
+        env = {"HTTPS_PROXY": f"https://127.0.0.1:{server.port}", "SSL_CERT_FILE": str(pem)}
+        async with open_sessions(api_connections=1, storage_connections=1, environ=env) as sessions:
+            url = URL(tls_origins.storage_url("ins-9"), encoded=True)
+            async with sessions.storage.get(url) as resp:
+                assert resp.status == 200 and await resp.read() == package("ins-9")
+        assert [(r["method"], r["host"]) for r in server.records()] == [
+            ("CONNECT", "storage.example.test")
+        ]

@@ -2,7 +2,9 @@
 
 Every error the tool raises on purpose derives from :class:`BatchExportError`. Foreign errors (aiohttp,
 OS, SQLite) are translated at the boundary where they enter, so that no library message carrying a
-signed URL or a key reaches a log line::
+signed URL or a key reaches a log line; network failures through one table,
+:func:`batch_export.http.describe_failure` (codes ``network_error``, ``dns_error``, ``proxy_error``,
+``timeout``, ``tls_error``, ``truncated``, ``too_many_open_files``; the message names ``host:port``)::
 
     BatchExportError                 code: str, a stable identifier that reaches the report
     ├── UsageError                   bad command line or settings (exit 2)

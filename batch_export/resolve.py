@@ -176,8 +176,8 @@ def run_hook(
                     entry.error.message,
                     extra={"event": "discover_failed", "error_code": entry.error.code},
                 )
-            else:
-                log.info(
+            else:  # one line per AOI: -v only (hundreds of AOIs are listed every night)
+                log.debug(
                     "discover[%d] %s: %d listed, %d selected",
                     entry.selector,
                     where,
@@ -187,9 +187,10 @@ def run_hook(
                 )
         found = resolution.discovered
         log.info(
-            "discovered %d job(s) from %d selector(s)",
+            "discovered %d job(s) from %d selector(s) over %d AOI listing(s)",
             len(found.specs),
             len(manifest.discover),
+            len(found.entries),
             extra={"event": "discovered"},
         )
         if on_jobs is not None:

@@ -72,15 +72,18 @@ class RequestStats:
     sent: int = 0
     throttled: int = 0
     by_status: dict[int, int] | None = None
+    listener: Callable[[int], None] | None = None  # told every status (the run-wide breaker)
 
     def count(self, status: int) -> None:
-        """Count one answer with ``status``."""
+        """Count one answer with ``status``, and tell the listener."""
         self.sent += 1
         if self.by_status is None:
             self.by_status = {}
         self.by_status[status] = self.by_status.get(status, 0) + 1
         if status == 429:
             self.throttled += 1
+        if self.listener is not None:
+            self.listener(status)
 
 
 def encode_segment(value: str) -> str:

@@ -55,6 +55,7 @@ def build_report(
         },
         "jobs": [_job_entry(job) for job in jobs],
         "discovery": [_discovery_entry(entry) for entry in (result.discovery if result else ())],
+        "breaker": dict(result.breaker) if result and result.breaker else None,
     }
 
 

@@ -23,6 +23,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,7 @@ from typing import Protocol
 import anyio
 
 from batch_export.api import API_CONNECTIONS, PackageStatus, PixxelClient
+from batch_export.breaker import Breaker, Verdict
 from batch_export.clock import Clock, SystemClock
 from batch_export.download import (
     Downloader,
@@ -242,7 +244,9 @@ class Runner:
             object_store=uploader is not None,
             rng=self._rng,
         )
-        self._limiter = RateLimiter(settings.rate, clock=self._clock)
+        self._breaker = Breaker()
+        self._held: dict[str, _Held] = {}  # jobs whose outcome waits for the breaker's verdict
+        self._limiter = _GatedLimiter(settings.rate, clock=self._clock, breaker=self._breaker)
         self._in_flight = anyio.Semaphore(settings.in_flight)
         self._download_slots = anyio.Semaphore(settings.downloads)
         self._stop_downloads = False
@@ -287,6 +291,7 @@ class Runner:
                 redactor=self._redact,
                 connections=min(self.settings.in_flight, API_CONNECTIONS),
             )
+            self._client.stats.listener = self._api_answered
             self._downloader = self._make_downloader(storage_session)
             if self._discover is not None:
                 self._discovered = await self._discover(self._client)
@@ -300,6 +305,7 @@ class Runner:
                     watchers.start_soon(self._stop_at, started + self._max_runtime)
                 await self._run_all()
                 watchers.cancel_scope.cancel()
+            await self._settle_held()
         return RunResult(
             jobs=tuple(self._result(job) for job in self.jobs),
             api_requests=self._client.stats.sent,
@@ -308,6 +314,7 @@ class Runner:
             wall_seconds=self._clock.monotonic() - started,
             stopped_by=self.stopped_by,
             api_by_status=dict(self._client.stats.by_status or {}),
+            breaker=self._breaker_report(),
             discovery=self._discovered.entries,
         )
 
@@ -404,6 +411,7 @@ class Runner:
 
     async def _run_job(self, job: Job, admission: anyio.Semaphore) -> None:
         job.started = self._clock.monotonic()
+        _CURRENT_JOB.set(job.key)  # this task's API attempts are this job's (the breaker's gate)
         try:
             job.outcome = await self._drive(job)
         except _Stop:
@@ -420,7 +428,11 @@ class Runner:
         finally:
             job.seconds = self._clock.monotonic() - job.started
             admission.release()
-            self._observer.job_finished(self._result(job))
+            held = self._held.get(job.key)
+            if held is not None:  # its outcome waits for the breaker's verdict
+                held.finished = True
+            else:
+                self._observer.job_finished(self._result(job))
 
     async def _drive(self, job: Job) -> Outcome:
         """Feed the job's events to the machine and perform its actions, until an outcome."""
@@ -513,7 +525,18 @@ class Runner:
                 job.spec, deadline=deadline, job_key=job.key
             )
         except JobError as exc:
-            return RequestFailed(self._problem(exc))
+            problem = self._problem(exc)
+            self._heed(
+                job,
+                self._breaker.request_failed(
+                    job.key,
+                    aoi=job.spec.aoi_id,
+                    http_status=problem.http_status,
+                    code=problem.code,
+                    message=problem.message,
+                ),
+            )
+            return RequestFailed(problem)
         context.package = package
         context.expiry = url_expiry(package.signed_url, received_at=package.server_time)
         return Answered(package.status, package.signed_url, now=self._clock.monotonic())
@@ -597,7 +620,10 @@ class Runner:
             self._open_breaker(self._problem(exc))
             raise _Stop() from None
         except JobError as exc:
-            return UploadFailed(self._problem(exc))
+            problem = self._problem(exc)
+            if problem.code == "store_auth":  # the credentials, not this job (SPEC §8, §9)
+                self._heed(job, self._breaker.store_refused(job.key, message=problem.message))
+            return UploadFailed(problem)
         return Uploaded()
 
     def _open_breaker(self, problem: Problem) -> None:
@@ -630,6 +656,72 @@ class Runner:
                 f"{final.parent} leads outside the output dir (a symlink?); refusing to write",
                 code="path_escape",
             )
+
+    # ----------------------------------------------------------------- breaker
+
+    def _api_answered(self, status: int) -> None:
+        """Every API attempt's outcome (HTTP status; 0: no answer), from the client's counters."""
+        if status == 0:
+            self._breaker.no_answer(_CURRENT_JOB.get())
+        else:
+            self._heed(None, self._breaker.answered(status))
+        self._limiter.changed()
+
+    def _heed(self, job: Job | None, verdict: Verdict) -> None:
+        """Act on the breaker's verdict: hold ``job``'s outcome, release others, or stop the run."""
+        if verdict.held and job is not None:
+            self._held[job.key] = _Held(job, self._values[job.key])
+        for key in verdict.released:
+            held = self._held.pop(key, None)
+            if held is not None and held.finished:
+                self._observer.job_finished(self._result(held.job))
+        if verdict.opened is not None:
+            log.error(
+                "circuit breaker open: %s; no more requests are sent, unfinished jobs are left "
+                "pending for the next run",
+                verdict.opened.describe(),
+                extra={"event": "breaker_open", "error_code": verdict.opened.code},
+            )
+            self.request_stop("breaker")
+        self._limiter.changed()
+
+    async def _settle_held(self) -> None:
+        """The held jobs: pending, as before their failing step, if the breaker opened; else failed.
+
+        Undoing the step is the breaker's one rule: the failure was not the job's, so the job is
+        left as it stood before it (``requesting``/``preparing``, or ``uploading``), which the next
+        run resumes like the state an interrupted run leaves.
+        """
+        held, self._held = self._held, {}
+        for entry in held.values():
+            job = entry.job
+            if self._breaker.opened is not None:
+                self._values[job.key] = entry.before
+                job.record = entry.before.record
+                job.outcome = Outcome.PENDING
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._store.save(job.record)
+                    except JobError as exc:
+                        log.error("job %s: cannot record it pending: %s", job.key[:12], exc.message)
+            if entry.finished:
+                self._observer.job_finished(self._result(job))
+
+    def _breaker_report(self) -> dict[str, object] | None:
+        """The report's ``breaker`` entry: why it opened and what it cost; None while closed."""
+        opened = self._breaker.opened
+        if opened is None:
+            return None
+        return {
+            "cause": str(opened.cause),
+            "code": opened.code,
+            "http_status": opened.http_status,
+            "jobs_in_a_row": opened.jobs,
+            "aois": opened.aois,
+            "message": opened.message,
+            "api_requests": self._client.stats.sent,
+            "pending": sum(1 for job in self.jobs if job.outcome is Outcome.PENDING),
+        }
 
     # ----------------------------------------------------------------- helpers
 
@@ -670,6 +762,52 @@ class Runner:
             error_http_status=record.error_http_status if failed else None,
             source=job.source,
         )
+
+
+#: The job whose task is running (each job runs in its own task): names API attempts for the breaker.
+_CURRENT_JOB: ContextVar[str] = ContextVar("batch_export_job", default="")
+
+
+@dataclass(slots=True)
+class _Held:
+    """A job whose failure counts toward opening the breaker; its value before that failure."""
+
+    job: Job
+    before: JobValue
+    finished: bool = False  # its task ended; its outcome is not yet announced
+
+
+class _GatedLimiter(RateLimiter):
+    """The shared limiter, with the breaker's gate in front of every API request (SPEC §9).
+
+    A request waits while the breaker keeps its job back (the API looks unreachable and the job is
+    not one of the probes), and is never sent once the breaker is open; the gate is asked again
+    after the limiter's turn, so requests queued before the API went quiet are held back too.
+    """
+
+    def __init__(self, rate: float, *, clock: Clock, breaker: Breaker) -> None:
+        super().__init__(rate, clock=clock)
+        self._breaker = breaker
+        self._changed: anyio.Event | None = None
+
+    def changed(self) -> None:
+        """The breaker's state changed: waiters look again."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def acquire(self, *, deadline: float | None = None) -> bool:
+        """Wait for the gate, then for the turn (see :meth:`RateLimiter.acquire`)."""
+        job = _CURRENT_JOB.get()
+        while True:
+            while not self._breaker.may_send(job):
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
+            if not await super().acquire(deadline=deadline):
+                return False
+            if self._breaker.may_send(job):
+                return True
 
 
 class _Guarded:

@@ -26,11 +26,12 @@ class StopController:
     """Collects stop requests for one run.
 
     The first request wins, except that any other outranks the time budget (exit 130/143/129
-    before 3; see :data:`batch_export.types.STOP_EXIT_CODES`).
+    before 3; see :data:`batch_export.types.STOP_EXIT_CODES`), and a signal or a cancellation
+    outranks the breaker (exit 1).
 
     Attributes:
         reason: why the run stops (``"SIGINT"``, ``"SIGTERM"``, ``"SIGHUP"``, ``"max_runtime"``,
-            ``"cancelled"``), or None.
+            ``"cancelled"``, ``"breaker"``: the run-wide circuit breaker opened), or None.
         frozen: the outcome is being recorded; requests are only logged now.
     """
 
@@ -48,13 +49,17 @@ class StopController:
                 extra={"event": "run_stopping"},
             )
             return
-        if self.reason is None or (self.reason == "max_runtime" and reason != "max_runtime"):
+        outranks = (self.reason == "max_runtime" and reason != "max_runtime") or (
+            self.reason == "breaker" and reason not in ("max_runtime", "breaker")
+        )  # a signal outranks the time budget and the breaker (exit 130/143/129 before 3 and 1)
+        if self.reason is None or outranks:
             self.reason = reason
-            log.warning(
-                "stopping (%s): in-flight work is checkpointed for the next run",
-                reason,
-                extra={"event": "run_stopping"},
-            )
+            if reason != "breaker":  # the breaker logs its own line, naming the cause
+                log.warning(
+                    "stopping (%s): in-flight work is checkpointed for the next run",
+                    reason,
+                    extra={"event": "run_stopping"},
+                )
         for listener in list(self._listeners):
             listener()
 

@@ -437,6 +437,7 @@ class RunResult:
             or None.
         api_by_status: HTTP status (0: network error) -> API requests.
         fatal: a run-wide failure that ended the run early (the state store failing), or None.
+        breaker: the run-wide circuit breaker's opening (cause, code, counts), or None (SPEC §9).
         discovery: the report's ``discovery`` entries (SPEC §7); a failed listing makes the exit
             code at least 1.
     """
@@ -449,6 +450,7 @@ class RunResult:
     stopped_by: str | None = None
     api_by_status: dict[int, int] = field(default_factory=dict)
     fatal: Problem | None = None
+    breaker: Mapping[str, object] | None = None
     discovery: tuple[DiscoveryEntry, ...] = ()
 
     def count(self, outcome: Outcome) -> int:

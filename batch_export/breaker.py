@@ -29,6 +29,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final
 
+from batch_export.errors import UNREACHABLE_CODES
+
 __all__ = [
     "KEY_AOIS",
     "KEY_STREAK",
@@ -49,10 +51,8 @@ KEY_AOIS: Final = 2
 NETWORK_STREAK: Final = 3
 #: Jobs that may keep sending while the API looks unreachable.
 PROBES: Final = 3
-#: Error codes of a request that got no HTTP answer (:func:`batch_export.http.describe_failure`).
-NETWORK_CODES: Final = frozenset(
-    {"network_error", "dns_error", "timeout", "proxy_error", "tls_error"}
-)
+#: Error codes of a request that got no HTTP answer: the one table of the error tree.
+NETWORK_CODES: Final = UNREACHABLE_CODES
 #: HTTP statuses that say nothing about the key (flow control, server trouble).
 _NEUTRAL: Final = frozenset({408, 429})
 

@@ -32,7 +32,13 @@ def test_module_declares_all_and_defines_it(name: str) -> None:
 IO_MODULES = {"aiohttp", "aiofiles", "aiosqlite", "sqlite3", "socket", "anyio", "subprocess"}
 
 
-PURE_CORE = ["batch_export.discovery", "batch_export.lifecycle", "batch_export.units"] + [
+PURE_CORE = [
+    "batch_export.breaker",
+    "batch_export.discovery",
+    "batch_export.lifecycle",
+    "batch_export.pace",
+    "batch_export.units",
+] + [
     name
     for name in MODULES
     if name == "batch_export.manifest" or name.startswith("batch_export.manifest.")

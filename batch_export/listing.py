@@ -21,6 +21,11 @@ Every failure becomes a :class:`ListingError` in the result — of the selector'
 list) or of one AOI's insight listing — never an exception: the run goes ahead with the rest.
 ``aois: [ids]`` sends no ``/v0/aois`` request; each distinct AOI is listed once per call, however
 many selectors name it, and each distinct AOI query (all, or one set of projects) is paged once.
+
+A breaker (SPEC §9's, for listings): after :data:`BREAKER_FAILURES` listings in a row failed with
+the same code that is plainly not the AOI's own — the API unreachable (retries spent on network
+errors), a TLS failure, HTTP 401 — with no success between, the listings not yet sent are not sent:
+they fail with that code at once, so a dead API costs a few listings' retries, not hundreds.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from typing import Any, Protocol
 import anyio
 
 from batch_export.api import PixxelClient
-from batch_export.errors import JobError
+from batch_export.errors import UNREACHABLE_CODES, JobError
 
 __all__ = [
+    "BREAKER_FAILURES",
     "MAX_PAGES",
     "PAGE_LIMIT",
     "AoiListing",
@@ -54,6 +60,9 @@ __all__ = [
 PAGE_LIMIT = 100
 #: Most AOI pages one listing may take (1,000,000 AOIs) before it counts as runaway paging.
 MAX_PAGES = 10_000
+#: Listings in a row failing with the same run-wide code before the rest are not sent.
+BREAKER_FAILURES = 3
+_RUN_WIDE = UNREACHABLE_CODES | {"tls_error"}
 
 
 class Fetch(Protocol):
@@ -276,30 +285,69 @@ class AoiPager:
         raise PagingError(ListingError(code, message))
 
 
+class _Breaker:
+    """Counts listings failing in a row with one run-wide code; open: send no more."""
+
+    def __init__(self, threshold: int) -> None:
+        self._threshold = threshold
+        self._streak = 0
+        self._last: ListingError | None = None
+        self.open: ListingError | None = None
+
+    def record(self, error: ListingError | None) -> None:
+        run_wide = error is not None and (error.code in _RUN_WIDE or error.http_status == 401)
+        if error is None or not run_wide:
+            self._streak, self._last = 0, None
+            return
+        same = self._last is not None and self._last.code == error.code
+        self._streak = self._streak + 1 if same else 1
+        self._last = error
+        if self._streak >= self._threshold and self.open is None:
+            self.open = ListingError(
+                error.code,
+                f"not listed: the last {self._streak} listings failed the same way "
+                f"({error.message})",
+                error.http_status,
+            )
+
+
 async def _page_aois(
-    fetch: Fetch, projects: tuple[str, ...] | None, *, max_pages: int
+    fetch: Fetch, projects: tuple[str, ...] | None, *, max_pages: int, breaker: _Breaker
 ) -> tuple[tuple[str, ...], ListingError | None]:
     """Page through ``GET /v0/aois`` (of these projects); return the AOI ids and any error."""
     pager = AoiPager(max_pages=max_pages)
     while pager.offset is not None:
+        if breaker.open is not None:
+            return tuple(pager.aoi_ids), breaker.open
         params = {"offset": str(pager.offset), "limit": str(pager.limit)}
         if projects:
             params["project_ids"] = ",".join(projects)
         try:
             doc = await fetch("/v0/aois", params, check_aoi_page)
+        except JobError as exc:
+            error = ListingError.of(exc)
+            breaker.record(error)
+            return tuple(pager.aoi_ids), error
+        breaker.record(None)
+        try:
             pager.take(doc)
         except PagingError as exc:
             return tuple(pager.aoi_ids), exc.error
-        except JobError as exc:
-            return tuple(pager.aoi_ids), ListingError.of(exc)
     return tuple(pager.aoi_ids), None
 
 
-async def _list_insights(fetch: Fetch, aoi_id: str, encode: Callable[[str], str]) -> AoiListing:
+async def _list_insights(
+    fetch: Fetch, aoi_id: str, encode: Callable[[str], str], breaker: _Breaker
+) -> AoiListing:
+    if breaker.open is not None:
+        return AoiListing(aoi_id, error=breaker.open)
     try:
         doc = await fetch(f"/v0/aoi/{encode(aoi_id)}/insights", {}, check_insights)
     except JobError as exc:
-        return AoiListing(aoi_id, error=ListingError.of(exc))
+        error = ListingError.of(exc)
+        breaker.record(error)
+        return AoiListing(aoi_id, error=error)
+    breaker.record(None)
     return AoiListing(aoi_id, tuple(doc["insights"]))
 
 
@@ -323,6 +371,7 @@ async def list_selectors(
     Returns:
         One :class:`SelectorListing` per selector, in order. Raises nothing for a failed listing.
     """
+    breaker = _Breaker(BREAKER_FAILURES)
     paged: dict[tuple[str, ...] | None, tuple[tuple[str, ...], ListingError | None]] = {}
     chosen: list[tuple[tuple[str, ...], ListingError | None]] = []
     for selector in selectors:
@@ -331,7 +380,7 @@ async def list_selectors(
             continue
         query = None if selector.all_aois else tuple(selector.projects or ())
         if query not in paged:
-            paged[query] = await _page_aois(fetch, query, max_pages=max_pages)
+            paged[query] = await _page_aois(fetch, query, max_pages=max_pages, breaker=breaker)
         chosen.append(paged[query])
     wanted = list(dict.fromkeys(aoi for ids, _ in chosen for aoi in ids))
     listed: dict[str, AoiListing] = {}
@@ -339,7 +388,7 @@ async def list_selectors(
 
     async def one(aoi_id: str) -> None:
         async with slots:
-            listed[aoi_id] = await _list_insights(fetch, aoi_id, encode)
+            listed[aoi_id] = await _list_insights(fetch, aoi_id, encode, breaker)
 
     async with anyio.create_task_group() as group:
         for aoi_id in wanted:

@@ -217,3 +217,33 @@ def test_insight_listing_shape(doc: Any) -> None:
     with pytest.raises(ValueError):
         check_insights(doc)
     check_insights({"insights": [{"id": "x"}]})
+
+
+@pytest.mark.parametrize(
+    ("error", "opens"),
+    [
+        (RetriesExhausted("cannot connect to api:443", code="network_error"), True),
+        (ApiError("key refused", code="unauthorized", http_status=401), True),
+        (ApiError("no permission", code="permission_denied", http_status=403), False),
+    ],
+)
+async def test_the_breaker_stops_listing_an_unreachable_api(error: Exception, opens: bool) -> None:
+    ids = tuple(f"a{n}" for n in range(20))
+    api = Api([], errors={f"/v0/aoi/{a}/insights": error for a in ids})
+    result = await list_selectors(api, [Sel(0, aois=ids)], encode=encode, concurrency=1)
+    errors = [a.error for a in result[0].aois]
+    assert all(e is not None and e.code == error.code for e in errors)
+    assert len(api.calls) == (3 if opens else 20)
+    if opens:
+        assert errors[3] is not None and errors[3].message.startswith(
+            "not listed: the last 3 listings failed the same way"
+        )
+
+
+async def test_a_success_between_failures_keeps_the_breaker_closed() -> None:
+    down = RetriesExhausted("cannot connect", code="network_error")
+    ids = ("a0", "a1", "ok", "a2", "a3", "a4", "a5")
+    errors = {f"/v0/aoi/{a}/insights": down for a in ids if a != "ok"}
+    api = Api([], errors=errors)
+    await list_selectors(api, [Sel(0, aois=ids)], encode=encode, concurrency=1)
+    assert len(api.calls) == 6  # a0 a1 ok a2 a3 a4: three in a row after "ok", then no more

@@ -140,7 +140,14 @@ def _done_keys(state_dir: Path, resolution: Resolution) -> frozenset[str]:
     """Keys of the discovered jobs the state store has as done (read only; no store: none)."""
     if not (state_dir / STATE_FILE).is_file():
         return frozenset()
-    keys = [job_key(spec) for spec in resolution.discovered.specs]
+    keys = list(
+        dict.fromkeys(  # every exported insight, merged ones (an explicit entry's job) included
+            job_key(item.spec)
+            for view in resolution.views
+            for item in view.insights
+            if item.spec is not None
+        )
+    )
 
     async def load() -> frozenset[str]:
         store = await SqliteStore.open(state_dir)

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-s3 test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/batch-export demo --out demo-exports
+
+# The demo into a bucket of a local S3 server (SeaweedFS on loopback, from the dev extra).
+demo-s3: $(STAMP)
+	$(BIN)/python -m tests.s3server --bucket demo -- $(BIN)/batch-export demo --out s3://demo/exports
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -28,4 +32,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) demo-exports .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-exports demo-s3-state .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,7 @@ from batch_export.lifecycle import job_key, shard_of
 from batch_export.lock import StateLock
 from batch_export.manifest import ExportSpec, Manifest
 from batch_export.metrics import write_metrics
+from batch_export.objectstore import ObjectUploader, open_output
 from batch_export.pace import Tally
 from batch_export.plan import plan_lines
 from batch_export.progress import FanOut, LogObserver, ProgressDisplay, ProgressLog
@@ -94,11 +95,39 @@ async def run_export(
         if path is not None:
             check_writable(option, path)
     redactor.add(api_key)
-    with StateLock(settings.state_dir):
-        async with _open_store(settings) as store:
-            return await _run_locked(
-                manifest, settings, options, api_key, redactor, run_id, store, stop
-            )
+    async with _object_output(settings, redactor) as uploader:  # checks the store (SPEC §8)
+        with StateLock(settings.state_dir):
+            async with _open_store(settings) as store:
+                return await _run_locked(
+                    manifest, settings, options, api_key, redactor, run_id, store, stop, uploader
+                )
+
+
+@asynccontextmanager
+async def _object_output(
+    settings: Settings, redactor: Redactor
+) -> AsyncIterator[ObjectUploader | None]:
+    """The uploader of an object-store output, its store checked; None for a folder output."""
+    if settings.out_url is None:
+        yield None
+        return
+    async with open_output(
+        settings.out_url,
+        redactor=redactor,
+        retries=settings.retries,
+        backoff_base=settings.backoff_base,
+        backoff_cap=settings.backoff_cap,
+        read_timeout=settings.read_timeout,
+        downloads=settings.downloads,
+        check_existing=settings.check_existing,
+    ) as uploader:
+        log.info(
+            "object store %s: bucket found, credentials accepted; staging in %s",
+            settings.out_url,
+            settings.out_dir,
+            extra={"event": "store_checked"},
+        )
+        yield uploader
 
 
 @asynccontextmanager
@@ -120,6 +149,7 @@ async def _run_locked(
     run_id: str,
     store: SqliteStore,
     stop: StopController,
+    uploader: ObjectUploader | None = None,
 ) -> ExportResult:
     started_at = time.time()
     specs = select_shard(manifest.exports, options.shard)
@@ -150,13 +180,14 @@ async def _run_locked(
         max_runtime=options.max_runtime,
         stop=stop,
         discover=_discover_hook(manifest, settings, specs, options.shard, [display, tally]),
+        uploader=uploader,
     )
     log.info(
         "run %s: %d job(s) from %s into %s",
         run_id,
         len(specs),
         manifest.path,
-        settings.out_dir,
+        settings.out_url or settings.out_dir,
         extra={"event": "run_started"},
     )
     if display is not None:

@@ -21,6 +21,7 @@ from batch_export.config import RunOptions, parse_shard
 from batch_export.errors import BatchExportError, LockHeldError, ManifestError
 from batch_export.logs import configure_logging
 from batch_export.manifest import DiscoverSelector, ExportSpec, Manifest, load_manifest
+from batch_export.objectstore import parse_store_url
 from batch_export.plan import plan_lines
 from batch_export.redact import Redactor
 from batch_export.report import new_run_id
@@ -87,13 +88,23 @@ def _load(path: Path) -> Manifest:
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Output root (relative to the working dir) [default: manifest output.dir, else exports/ beside the manifest].",
+    metavar="DIR|s3://BUCKET/PREFIX",
+    help="Output root (relative to the working dir) or object store [default: manifest output.dir, else exports/ beside the manifest].",
 )
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    help="State store, lock and reports [default: <out>/.batch-export].",
+    help="State store, lock and reports [default: <out>/.batch-export; for s3:// .batch-export/s3/<bucket>/<prefix> beside the manifest].",
+)
+@click.option(
+    "--staging-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="With --out s3://...: local folder where packages are verified before the upload [default: <state-dir>/staging].",
+)
+@click.option(
+    "--check-existing",
+    is_flag=True,
+    help="Also confirm done objects still exist (HEAD: size and sha256) before skipping them.",
 )
 @click.option(
     "--in-flight",
@@ -178,8 +189,10 @@ def _load(path: Path) -> Manifest:
 def run(
     manifest: Path,
     api_url: str | None,
-    out: Path | None,
+    out: str | None,
     state_dir: Path | None,
+    staging_dir: Path | None,
+    check_existing: bool,
     in_flight: int | None,
     downloads: int | None,
     connections: int | None,
@@ -210,9 +223,13 @@ def run(
         loaded = _load(manifest)
     except Interrupted as exc:
         sys.exit(exc.exit_code)
+    out_dir, out_url = _out(out)
     options = RunOptions(
         api_url=api_url,
-        out=out,
+        out=out_dir,
+        out_url=out_url,
+        staging_dir=staging_dir,
+        check_existing=check_existing,
         state_dir=state_dir,
         in_flight=in_flight,
         downloads=downloads,
@@ -300,13 +317,13 @@ def discover(
 @main.command(context_settings=_CONTEXT)
 @click.option(
     "--out",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("demo-exports"),
+    default="demo-exports",
     show_default=True,
-    help="Where the demo packages go.",
+    metavar="DIR|s3://BUCKET/PREFIX",
+    help="Where the demo packages go (s3://: its state goes to demo-s3-state).",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress display [default: auto].")
-def demo(out: Path, progress: bool | None) -> None:
+def demo(out: str, progress: bool | None) -> None:
     """Start the sandbox in-process and run the bundled manifests/demo.yaml against it."""
     from anyio.from_thread import start_blocking_portal
 
@@ -325,17 +342,29 @@ def demo(out: Path, progress: bool | None) -> None:
         sandbox = Sandbox(config)
         portal.call(sandbox.start)
         click.echo(f"sandbox API at {sandbox.api_url}, storage at {sandbox.storage_url}", err=True)
+        out_dir, out_url = _out(out)
+        # The bundled manifest lies in the installed package: keep an object store's state here.
+        state_dir = Path("demo-s3-state") if out_url else None
         try:
             code = _execute(
                 loaded,
-                RunOptions(api_url=sandbox.api_url, out=out, api_key=DEMO_KEY, progress=progress),
+                RunOptions(
+                    api_url=sandbox.api_url,
+                    out=out_dir,
+                    out_url=out_url,
+                    state_dir=state_dir,
+                    api_key=DEMO_KEY,
+                    progress=progress,
+                ),
                 relay,
             )
         finally:
             portal.call(sandbox.close)
-    click.echo(
-        f"packages are in {out.absolute()} (report under {out.absolute()}/.batch-export/reports)"
-    )
+    if out_dir is not None:
+        where, state = out_dir.absolute(), out_dir.absolute() / ".batch-export"
+        click.echo(f"packages are in {where} (report under {state}/reports)")
+    elif state_dir is not None:
+        click.echo(f"packages are in {out} (state and report under {state_dir.absolute()})")
     sys.exit(code)
 
 
@@ -343,7 +372,7 @@ def demo(out: Path, progress: bool | None) -> None:
 @click.argument("manifest", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--out",
-    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR|s3://BUCKET/PREFIX",
     help="The output root a run used, as given to run [default: from MANIFEST as run resolves it; "
     "without MANIFEST: exports].",
 )
@@ -356,7 +385,7 @@ def demo(out: Path, progress: bool | None) -> None:
 @click.option("--failed", "failed_only", is_flag=True, help="List only the failed jobs.")
 def status(
     manifest: Path | None,
-    out: Path | None,
+    out: str | None,
     state_dir: Path | None,
     as_json: bool,
     failed_only: bool,
@@ -372,15 +401,25 @@ def status(
 
     specs: tuple[ExportSpec, ...] | None = None
     selectors: tuple[DiscoverSelector, ...] = ()
+    out_dir, out_url = _out(out)
     if manifest is not None:
         loaded = _load(manifest)
         specs, selectors = loaded.exports, loaded.discover
-        directory = resolve_dirs(loaded, out=out, state_dir=state_dir)[1]
+        try:
+            directory = resolve_dirs(loaded, out=out_dir, state_dir=state_dir, out_url=out_url)[1]
+        except BatchExportError as exc:
+            click.echo(f"batch-export: {exc.message}", err=True)
+            sys.exit(2)
     elif out is not None and state_dir is not None:
         raise click.UsageError("give --out or --state-dir, not both (or the MANIFEST)")
+    elif out_url is not None:
+        raise click.UsageError(
+            "with --out s3://... give the MANIFEST too (its folder holds the state dir), "
+            "or --state-dir"
+        )
     else:
         directory = (
-            state_dir if state_dir is not None else (out or Path("exports")) / ".batch-export"
+            state_dir if state_dir is not None else (out_dir or Path("exports")) / ".batch-export"
         )
     try:
         doc = read_status(directory, specs=specs, selectors=selectors, failed_only=failed_only)
@@ -391,6 +430,21 @@ def status(
 
 
 main.add_command(sandbox_command)
+
+
+def _out(text: str | None) -> tuple[Path | None, str | None]:
+    """``--out``: ``(folder, None)``, ``(None, "s3://…")`` or ``(None, None)`` when not given.
+
+    Raises:
+        click.UsageError: an object-store URL this build cannot write (``gs://``, ``az://``, …).
+    """
+    if text is None:
+        return None, None
+    try:
+        url = parse_store_url(text)
+    except BatchExportError as exc:
+        raise click.UsageError(exc.message) from None
+    return (None, str(url)) if url is not None else (Path(text), None)
 
 
 def _execute(manifest: Manifest, options: RunOptions, relay: SignalRelay) -> int:

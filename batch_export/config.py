@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from batch_export.errors import UsageError
 from batch_export.lifecycle import job_key, shard_of
 from batch_export.manifest import ExportSpec, Manifest
+from batch_export.objectstore import object_output_dirs, parse_store_url
 from batch_export.types import (
     DEFAULT_API_URL,
     DEFAULT_KEY_ENV,
@@ -29,6 +30,7 @@ from batch_export.urls import url_refusal
 __all__ = [
     "RunOptions",
     "check_writable",
+    "chosen_out_url",
     "parse_shard",
     "resolve_api_key",
     "resolve_dirs",
@@ -62,6 +64,9 @@ class RunOptions:
     connections: int | None = None  # parallel range connections per download
     segment_min: int | None = None  # bytes: smallest package fetched over several connections
     progress_interval: float = 60.0  # seconds between progress lines when stderr is no terminal
+    out_url: str | None = None  # --out s3://bucket/prefix (then ``out`` is None)
+    staging_dir: Path | None = None  # object-store output: where packages are verified first
+    check_existing: bool = False  # HEAD done objects (object store) before skipping them
 
 
 def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
@@ -76,7 +81,14 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
     refusal = url_refusal(api_url, allow_http=options.allow_http, what="API URL")
     if refusal:
         raise UsageError(refusal)
-    out_dir, state_dir = resolve_dirs(manifest, out=options.out, state_dir=options.state_dir)
+    out_dir, state_dir = resolve_dirs(
+        manifest,
+        out=options.out,
+        state_dir=options.state_dir,
+        out_url=options.out_url,
+        staging_dir=options.staging_dir,
+    )
+    out_url = chosen_out_url(manifest, out=options.out, out_url=options.out_url)
     defaults = Settings(api_url="", out_dir=out_dir, state_dir=state_dir)
 
     def pick(cli: float | int | None, man: float | int | None, default: float | int) -> float | int:
@@ -101,6 +113,8 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
         force=options.force,
         connections=int(pick(options.connections, limits.connections, defaults.connections)),
         segment_min=int(pick(options.segment_min, limits.segment_min, defaults.segment_min)),
+        out_url=out_url,
+        check_existing=options.check_existing,
     )
     if settings.poll_max_interval < settings.poll_interval:
         settings = replace(settings, poll_max_interval=settings.poll_interval)
@@ -116,15 +130,47 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
     return settings
 
 
+def chosen_out_url(manifest: Manifest, *, out: Path | None, out_url: str | None) -> str | None:
+    """Return the object-store output URL the run writes to (normalised), or None for a folder.
+
+    ``--out`` wins over the manifest's ``output.dir``, whichever of the two is a URL.
+
+    Raises:
+        UsageError: a URL this build cannot write (``gs://``, ``az://``, …) or a malformed one.
+    """
+    text = out_url if out_url is not None else None if out is not None else manifest.out_url
+    if text is None:
+        return None
+    url = parse_store_url(text)
+    return str(url) if url is not None else None
+
+
 def resolve_dirs(
-    manifest: Manifest, *, out: Path | None, state_dir: Path | None
+    manifest: Manifest,
+    *,
+    out: Path | None,
+    state_dir: Path | None,
+    out_url: str | None = None,
+    staging_dir: Path | None = None,
 ) -> tuple[Path, Path]:
     """Return the run's ``(output dir, state dir)``, absolute (SPEC §2; ``status`` uses it too).
 
     ``out``: ``--out`` (relative to the working dir), else the manifest's ``output.dir`` (already
     resolved against the manifest's folder), else ``exports/`` beside the manifest. ``state_dir``:
-    ``--state-dir``, else ``<out>/.batch-export``.
+    ``--state-dir``, else ``<out>/.batch-export``. For an object-store output (``out_url``, or the
+    manifest's ``s3://`` ``output.dir``) the output dir is the local staging dir and the state dir
+    defaults to ``<manifest folder>/.batch-export/<scheme>/<bucket>/<prefix>`` (SPEC §8).
+
+    Raises:
+        UsageError: an object-store URL this build cannot write.
     """
+    url_text = chosen_out_url(manifest, out=out, out_url=out_url)
+    if url_text is not None:
+        url = parse_store_url(url_text)
+        assert url is not None
+        return object_output_dirs(
+            url, manifest_path=manifest.path, state_dir=state_dir, staging_dir=staging_dir
+        )
     if out is not None:
         out_dir = out.absolute()
     elif manifest.output.dir is not None:

@@ -34,6 +34,7 @@ from batch_export.app import run_export
 from batch_export.config import RunOptions, parse_shard
 from batch_export.errors import UsageError
 from batch_export.manifest import Manifest, load_manifest
+from batch_export.objectstore import parse_store_url
 from batch_export.redact import RedactingFilter, Redactor
 from batch_export.report import new_run_id
 from batch_export.stop import StopController
@@ -66,13 +67,16 @@ async def export_async(
     api_key: str | None = None,
     progress: bool = False,
     progress_interval: float | str = 60.0,
+    staging_dir: PathArg | None = None,
+    check_existing: bool = False,
 ) -> ExportResult:
     """Export every package ``manifest`` lists; return the run's facts (inside a running loop).
 
     Args:
         manifest: the manifest's path, or a :class:`~batch_export.manifest.Manifest` already loaded.
         api_url: API base URL [default: the manifest's ``api.url``, else ``https://api.pixxel.space``].
-        out: output root [default: the manifest's ``output.dir``, else ``exports/`` beside it].
+        out: output root, or an object store ``"s3://bucket/prefix"`` [default: the manifest's
+            ``output.dir``, else ``exports/`` beside it].
         state_dir: state store, lock and reports [default: ``<out>/.batch-export``].
         in_flight: jobs being requested/polled at once [default 32].
         downloads: simultaneous downloads [default 4].
@@ -92,6 +96,9 @@ async def export_async(
         progress: draw the terminal progress display on stderr.
         progress_interval: seconds (or ``"5m"``) between progress log lines when stderr is not a
             terminal; 0: none.
+        staging_dir: with an ``s3://`` ``out``: the local folder where packages are verified
+            before the upload [default: ``<state_dir>/staging``].
+        check_existing: also confirm done objects still exist (HEAD: size and ``sha256``).
 
     Returns:
         The :class:`~batch_export.types.ExportResult` (``exit_code``, ``counts``, ``jobs``, …).
@@ -101,9 +108,13 @@ async def export_async(
         UsageError: an option value or the settings are unusable; nothing was requested.
         LockHeldError: another run holds the state dir.
     """
+    out_url = parse_store_url(os.fspath(out)) if out is not None else None
     options = RunOptions(
         api_url=api_url,
-        out=_path(out),
+        out=None if out_url is not None else _path(out),
+        out_url=str(out_url) if out_url is not None else None,
+        staging_dir=_path(staging_dir),
+        check_existing=check_existing,
         state_dir=_path(state_dir),
         in_flight=_count("in_flight", in_flight),
         downloads=_count("downloads", downloads),

@@ -55,6 +55,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
+from batch_export.clock import Clock, SystemClock
 from batch_export.errors import (
     JobError,
     ObjectStoreError,
@@ -63,6 +64,7 @@ from batch_export.errors import (
     StoreNotFound,
     UsageError,
 )
+from batch_export.redact import Redactor
 from batch_export.retry import RetryPolicy
 from batch_export.types import Job, JobRecord
 
@@ -84,6 +86,8 @@ __all__ = [
     "UploadResult",
     "default_state_dir",
     "multipart_etag",
+    "object_output_dirs",
+    "open_output",
     "parse_store_url",
     "part_size_for",
     "store_secrets",
@@ -195,6 +199,74 @@ def default_state_dir(manifest_dir: Path, url: StoreUrl) -> Path:
     for segment in PurePosixPath(url.prefix).parts if url.prefix else ():
         folder /= _UNSAFE.sub("_", segment)
     return folder
+
+
+def object_output_dirs(
+    url: StoreUrl, *, manifest_path: Path, state_dir: Path | None, staging_dir: Path | None
+) -> tuple[Path, Path]:
+    """Return ``(staging dir, state dir)`` of an object-store output, absolute (SPEC §8).
+
+    The state dir: ``--state-dir``, else :func:`default_state_dir` beside the manifest. The staging
+    dir (where packages are downloaded and verified before the upload; the runner's output dir):
+    ``--staging-dir``, else ``<state dir>/staging``. Both must be on a local file system.
+    """
+    state = (
+        state_dir.absolute()
+        if state_dir
+        else default_state_dir(manifest_path.absolute().parent, url)
+    )
+    return (staging_dir.absolute() if staging_dir else state / "staging"), state
+
+
+@contextlib.asynccontextmanager
+async def open_output(
+    out_url: str,
+    *,
+    redactor: Redactor,
+    retries: int,
+    backoff_base: float,
+    backoff_cap: float,
+    read_timeout: float,
+    downloads: int,
+    check_existing: bool = False,
+    clock: Clock | None = None,
+) -> AsyncIterator[ObjectUploader]:
+    """Connect to the output's store, check it once (before any API request), yield the uploader.
+
+    The credentials in use are added to ``redactor``. Durations in seconds; ``downloads`` sizes the
+    connection pool (``downloads x`` :data:`DEFAULT_UPLOAD_CONCURRENCY`).
+
+    Raises:
+        UsageError: the URL is unusable, or the start-up check failed (codes ``store_not_found``,
+            ``store_auth``, ``store_error``): exit 2, nothing requested from the API.
+    """
+    url = parse_store_url(out_url)
+    if url is None:
+        raise UsageError(f"{out_url} is not an object-store URL")
+    for secret in store_secrets():
+        redactor.add(secret)
+    policy = RetryPolicy(
+        clock=clock or SystemClock(),
+        retries=retries,
+        backoff_base=backoff_base,
+        backoff_cap=backoff_cap,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            store = await stack.enter_async_context(
+                S3Store.connect(
+                    url,
+                    retry=policy,
+                    connections=max(1, downloads) * DEFAULT_UPLOAD_CONCURRENCY,
+                    read_timeout=read_timeout,
+                )
+            )
+        except StoreAuthError as exc:
+            raise UsageError(f"{url}: {exc.message}", code=exc.code) from None
+        for secret in store.secrets():
+            redactor.add(secret)
+        await store.check()
+        yield ObjectUploader(store, check_existing=check_existing)
 
 
 def store_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -797,6 +869,10 @@ class ObjectUploader:
     def key_of(self, relpath: str) -> str:
         """Return the object key of the package at output path ``relpath``."""
         return self._store.url.key_for(relpath)
+
+    def location(self, relpath: str) -> str:
+        """Return the object URL of the package at output path ``relpath``: ``s3://bucket/key``."""
+        return f"{self._store.url.scheme}://{self._store.url.bucket}/{self.key_of(relpath)}"
 
     async def upload(self, job: Job, staged: Path) -> None:
         """Upload the staged, verified package of ``job`` (size and sha256 from its record).

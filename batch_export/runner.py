@@ -133,6 +133,10 @@ class Uploader(Protocol):
         """
         ...
 
+    def location(self, relpath: str) -> str:
+        """Return where the package at output path ``relpath`` ends up (``s3://bucket/key``)."""
+        ...
+
     async def confirm(self, records: list[JobRecord]) -> set[str]:
         """Return the keys of the done jobs whose objects still count as present.
 
@@ -751,7 +755,7 @@ class Runner:
             insight_id=record.insight_id,
             name=record.name,
             outcome=job.outcome,
-            path=str(job.final),
+            path=self._uploader.location(job.spec.relpath) if self._uploader else str(job.final),
             bytes=record.bytes,
             sha256=record.sha256,
             attempts=record.attempts,

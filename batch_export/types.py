@@ -294,6 +294,9 @@ class Settings:
         allow_http: allow plain http to non-loopback hosts.
         force: redo jobs already done.
         backoff_base, backoff_cap: retry backoff (full jitter) parameters.
+        out_url: the object-store output (``s3://bucket/prefix``), or None for a folder; with one,
+            ``out_dir`` is the local staging dir where packages are verified before the upload.
+        check_existing: ``--check-existing``: HEAD done objects before skipping them.
     """
 
     api_url: str
@@ -314,6 +317,8 @@ class Settings:
     force: bool = False
     backoff_base: float = DEFAULT_BACKOFF_BASE
     backoff_cap: float = DEFAULT_BACKOFF_CAP
+    out_url: str | None = None
+    check_existing: bool = False
 
 
 class Outcome(enum.StrEnum):

@@ -45,7 +45,6 @@ from batch_export.errors import (
     IllegalTransition,
     JobError,
     LocalIOError,
-    StoreAuthError,
     UrlRejected,
     VerificationError,
 )
@@ -619,30 +618,12 @@ class Runner:
             raise IllegalTransition("an upload was asked for, but the output is local")
         try:
             await self._uploader.upload(job, job.final)
-        except StoreAuthError as exc:
-            # Not the job's fault: it stays uploading (the next run resumes it) and the run stops.
-            self._open_breaker(self._problem(exc))
-            raise _Stop() from None
         except JobError as exc:
             problem = self._problem(exc)
             if problem.code == "store_auth":  # the credentials, not this job (SPEC §8, §9)
                 self._heed(job, self._breaker.store_refused(job.key, message=problem.message))
             return UploadFailed(problem)
         return Uploaded()
-
-    def _open_breaker(self, problem: Problem) -> None:
-        """Stop the run for a failure that is plainly not the jobs' own (SPEC §9 breaker).
-
-        Unfinished jobs stay pending (exit 1). Today only the object store's ``store_auth`` opens
-        it; the run-wide breaker of SPEC §9 (API key refused, API unreachable) can call this too.
-        """
-        log.error(
-            "stopping the run: %s (%s); unfinished jobs stay pending for the next run",
-            problem.message,
-            problem.code,
-            extra={"event": "breaker_open", "error_code": problem.code},
-        )
-        self.request_stop(problem.code)
 
     def _check_inside_out_dir(self, final: Path) -> None:
         """Refuse a final path that a symlink inside the output dir would send elsewhere.

@@ -191,7 +191,8 @@ async def test_refused_credentials_mid_run_open_the_breaker(
     store = MemoryStore()
     result = await run_s3(sandbox, specs, tmp_path / "staging", url, store, downloads=2)
     assert result.exit_code == 1
-    assert result.stopped_by == "store_auth"
+    assert result.stopped_by == "breaker"
+    assert result.breaker is not None and result.breaker["cause"] == "store_auth"
     assert [
         (j.outcome, j.error_code) for j in result.jobs if j.outcome is not Outcome.PENDING
     ] == []  # never failed

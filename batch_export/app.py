@@ -23,10 +23,12 @@ from batch_export.api import PixxelClient
 from batch_export.config import (
     RunOptions,
     check_writable,
+    output_file_clash,
     resolve_api_key,
     resolve_settings,
     select_shard,
 )
+from batch_export.errors import BatchExportError, UsageError
 from batch_export.http import check_environment
 from batch_export.lifecycle import job_key, shard_of
 from batch_export.lock import StateLock
@@ -91,9 +93,18 @@ async def run_export(
         )
     api_key = options.api_key or resolve_api_key(manifest)
     check_environment(redactor=redactor)  # proxy/CA variables: a bad one is a usage error
-    for option, path in (("--report", options.report), ("--metrics-file", options.metrics_file)):
-        if path is not None:
-            check_writable(option, path)
+    files = {
+        option: path
+        for option, path in (("--report", options.report), ("--metrics-file", options.metrics_file))
+        if path is not None
+    }
+    clash = output_file_clash(
+        files, specs=manifest.exports, settings=settings, manifest_path=manifest.path
+    )
+    if clash:
+        raise UsageError(clash)
+    for option, path in files.items():
+        check_writable(option, path)
     redactor.add(api_key)
     async with _object_output(settings, redactor) as uploader:  # checks the store (SPEC §8)
         with StateLock(settings.state_dir):
@@ -137,7 +148,10 @@ async def _open_store(settings: Settings) -> AsyncIterator[SqliteStore]:
         yield store
     finally:
         with anyio.CancelScope(shield=True):
-            await store.close()
+            try:
+                await store.close()
+            except BatchExportError as exc:  # the outcome is recorded elsewhere already
+                log.error("%s", exc.message, extra={"event": "run_error", "error_code": exc.code})
 
 
 async def _run_locked(
@@ -153,7 +167,10 @@ async def _run_locked(
 ) -> ExportResult:
     started_at = time.time()
     specs = select_shard(manifest.exports, options.shard)
-    await store.record_run_start(run_id, started_at, os.getpid())
+    try:
+        await store.record_run_start(run_id, started_at, os.getpid())
+    except BatchExportError as exc:  # unusable before anything was requested: exit 2
+        raise UsageError(f"{exc.message}; nothing was requested") from None
     observers: list[RunObserver] = [LogObserver()]
     progress = options.progress if options.progress is not None else sys.stderr.isatty()
     # The progress line: stderr is not a terminal, and the log level is info (SPEC §9).
@@ -219,10 +236,19 @@ async def _record(
     """Record the outcome: state store, run report, metrics, summary line."""
     exit_code = result.exit_code
     counts = outcome_counts(result)
+    last_success: float | None = None
     with anyio.CancelScope(shield=True):
-        await store.record_run_end(run_id, time.time(), exit_code, counts)
-        runs = await store.last_runs(100)
-    last_success = next((run["finished_at"] for run in runs if run["exit_code"] == 0), None)
+        try:
+            await store.record_run_end(run_id, time.time(), exit_code, counts)
+            runs = await store.last_runs(100)
+        except BatchExportError as exc:  # the report and metrics still tell the outcome
+            log.error(
+                "cannot record the end of the run in the state store: %s",
+                exc.message,
+                extra={"event": "run_error", "error_code": exc.code},
+            )
+        else:
+            last_success = next((run["finished_at"] for run in runs if run["exit_code"] == 0), None)
     finished_at = time.time()
     report = build_report(
         run_id=run_id,

@@ -28,12 +28,16 @@ from batch_export.report import new_run_id
 from batch_export.sandbox.cli import sandbox_command
 from batch_export.signals import Interrupted, SignalRelay
 from batch_export.stop import StopController
+from batch_export.streams import guard_standard_streams
 from batch_export.types import ExitCode
 from batch_export.units import parse_duration
 
 __all__ = ["main"]
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+#: Every ``run`` option can also be set as BATCH_EXPORT_<OPTION> (``--in-flight`` ->
+#: ``BATCH_EXPORT_IN_FLIGHT``, flags ``1``/``0``); the command line wins.
+_RUN_CONTEXT = {**_CONTEXT, "auto_envvar_prefix": "BATCH_EXPORT"}
 
 
 @click.group(context_settings=_CONTEXT)
@@ -47,6 +51,7 @@ def main() -> None:
     75 another run holds the lock on the state dir; 130/143/129 interrupted by
     SIGINT/SIGTERM/SIGHUP (work checkpointed, the next run resumes).
     """
+    guard_standard_streams()  # `batch-export validate m.yaml | head` ends quietly, exit code kept
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -78,7 +83,7 @@ def _load(path: Path) -> Manifest:
         sys.exit(2)
 
 
-@main.command(context_settings=_CONTEXT)
+@main.command(context_settings=_RUN_CONTEXT)
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.option(
     "--api-url",

@@ -31,6 +31,7 @@ __all__ = [
     "RunOptions",
     "check_writable",
     "chosen_out_url",
+    "output_file_clash",
     "parse_shard",
     "resolve_api_key",
     "resolve_dirs",
@@ -209,6 +210,55 @@ def state_dir_clash(specs: tuple[ExportSpec, ...], *, out_dir: Path, state_dir: 
                     f"{spec.insight_id} ({spec.name}); choose another --state-dir"
                 )
     return None
+
+
+def output_file_clash(
+    files: dict[str, Path],
+    *,
+    specs: tuple[ExportSpec, ...],
+    settings: Settings,
+    manifest_path: Path,
+) -> str | None:
+    """Return why one of the run's own output files would overwrite something, or None.
+
+    ``files`` maps an option (``"--report"``, ``"--metrics-file"``) to its path. None of them may be
+    the manifest, a state-dir entry (the state store and its journal files, the lock, the reports
+    folder), a package or its ``.part``, or another of these files.
+    """
+    state_dir = settings.state_dir
+    taken = {_same_file_key(manifest_path): f"the manifest {manifest_path}"}
+    for entry in STATE_ENTRIES:
+        taken[_same_file_key(state_dir / entry)] = f"{entry} in the state dir {state_dir}"
+    for option, path in files.items():
+        key = _same_file_key(path)
+        if key in taken:
+            return f"{option} {path} would overwrite {taken[key]}; choose another path"
+        taken[key] = f"the {option} file"
+    # Compared as paths relative to the output dir: one dict of 100,000 names, no system call each.
+    outs = {settings.out_dir.absolute(), Path(_same_file_key(settings.out_dir))}
+    by_relpath = {spec.relpath: spec for spec in specs}
+    for option, path in files.items():
+        for candidate in {path.absolute(), Path(_same_file_key(path))}:
+            for out in outs:
+                if not candidate.is_relative_to(out):
+                    continue
+                rel = candidate.relative_to(out).as_posix()
+                spec = by_relpath.get(rel) or by_relpath.get(rel.removesuffix(".part"))
+                if spec is not None:
+                    return (
+                        f"{option} {path} would overwrite the package of export "
+                        f"{spec.aoi_id}/{spec.insight_id} ({spec.name}); choose another path"
+                    )
+    return None
+
+
+def _same_file_key(path: Path) -> str:
+    """One spelling per file: absolute, with symlinks of existing folders resolved."""
+    path = path.absolute()
+    try:
+        return str(path.parent.resolve() / path.name)
+    except OSError:
+        return str(path)
 
 
 def resolve_api_key(manifest: Manifest, environ: dict[str, str] | None = None) -> str:

@@ -58,6 +58,7 @@ __all__ = [
     "Transfer",
     "commit_part",
     "discard_part",
+    "local_io_error",
     "part_path",
     "verify_package",
 ]
@@ -900,6 +901,11 @@ def _read_part(part: Path) -> BinaryIO:
     """Open ``part`` for reading, never through a symlink (its last component)."""
     fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY)
     return os.fdopen(fd, "rb")
+
+
+def local_io_error(exc: OSError) -> LocalIOError:
+    """Translate a local OS error into :class:`LocalIOError` with its code (``disk_full``, …)."""
+    return _local_io_error(exc, "")
 
 
 def verify_package(part: Path, transfer: Transfer) -> None:

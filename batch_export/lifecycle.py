@@ -31,7 +31,9 @@ event                       rows (state -> state: actions)
 ``TransferStarted``         downloading -> downloading (resume; the ``.part``'s ETag recorded)
 ``StorageRefused``          downloading -> ``AwaitRequestSlot`` (≤3 refreshes) / failed
 ``TransferFailed``          downloading -> failed (``.part`` kept for a later resume)
-``LocalFailed``             downloading/verifying -> failed, ``DiscardPart``, ``StopDownloads``
+``LocalFailed``             disk full/read-only -> failed, ``DiscardPart``, ``StopDownloads``; no
+                            file descriptor left -> ``Wait``, then the same again (≤5); the job's
+                            own path -> failed alone
 ``BytesEnded``              downloading -> verifying: ``Verify``
 ``Verified``                verifying -> done: ``Finish(downloaded)``; object-store output ->
                             uploading: ``Upload``
@@ -82,10 +84,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_FAILED_STATUSES",
     "DEFAULT_READY_STATUSES",
+    "DISK_WIDE_CODES",
+    "LOCAL_RETRY_BASE",
     "MAX_EMPTY_URL_ANSWERS",
+    "MAX_LOCAL_RETRIES",
     "MAX_URL_REFRESHES",
     "MAX_VERIFY_FAILURES",
     "RECOVERY",
+    "TRANSIENT_LOCAL_CODES",
     "TRANSITIONS",
     "UNFINISHED",
     "Aborted",
@@ -125,6 +131,7 @@ __all__ = [
     "Verified",
     "Verify",
     "VerifyFailed",
+    "Wait",
     "advance",
     "backoff_delay",
     "is_url_expired",
@@ -141,6 +148,13 @@ MAX_EMPTY_URL_ANSWERS: Final = 3
 MAX_URL_REFRESHES: Final = 3
 #: Verification failures that fail the job: the first discards the ``.part`` and goes again from 0.
 MAX_VERIFY_FAILURES: Final = 2
+#: Local failures of the whole disk: they stop every other download of the run (SPEC §4, §9).
+DISK_WIDE_CODES: Final = frozenset({"disk_full", "read_only_output"})
+#: Local failures of the process, not of the disk or the package: back off and try again.
+TRANSIENT_LOCAL_CODES: Final = frozenset({"too_many_open_files"})
+#: Tries after a transient local failure, waiting ``LOCAL_RETRY_BASE * 2**n`` seconds (1 to 16 s).
+MAX_LOCAL_RETRIES: Final = 5
+LOCAL_RETRY_BASE: Final = 1.0
 
 _S = JobState
 #: Every allowed transition (SPEC §4 table). Anything else raises :class:`IllegalTransition`.
@@ -219,6 +233,7 @@ class JobValue:
         last_status: the last ``status`` the API gave (for the ``poll_timeout`` message).
         refreshes: fresh signed URLs fetched in this run.
         verify_failures: packages that failed verification in this run.
+        local_retries: transient local failures (no file descriptor left) retried in this run.
         pending_seconds: time spent requesting/polling in earlier request cycles of this run.
         cycle_started: monotonic seconds when the current request cycle began.
         deadline: monotonic seconds when the current cycle runs out of ``poll_timeout``.
@@ -232,6 +247,7 @@ class JobValue:
     last_status: str = ""
     refreshes: int = 0
     verify_failures: int = 0
+    local_retries: int = 0
     pending_seconds: float = 0.0
     cycle_started: float = 0.0
     deadline: float = 0.0
@@ -319,14 +335,16 @@ class TransferFailed:
 
 @dataclass(frozen=True, slots=True)
 class LocalFailed:
-    """The local disk failed us.
+    """A local file operation failed.
 
     ``during`` is ``"transfer"`` (writing), ``"verify"`` (reading back or committing) or ``"path"``
-    (the job's own path cannot be used).
+    (preparing the job's own path). ``output_writable``: the output dir itself can still be
+    written (tells a job's own ``permission_denied`` from an unwritable output dir).
     """
 
     problem: Problem
     during: str
+    output_writable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +478,13 @@ class Upload:
 
 
 @dataclass(frozen=True, slots=True)
+class Wait:
+    """Wait ``after`` seconds (then go on with the next action)."""
+
+    after: float
+
+
+@dataclass(frozen=True, slots=True)
 class DiscardPart:
     """Remove the job's ``.part`` (a failure to remove it is only logged)."""
 
@@ -494,6 +519,7 @@ Action = (
     | Download
     | Verify
     | Upload
+    | Wait
     | DiscardPart
     | StopDownloads
     | Inform
@@ -610,11 +636,9 @@ def step(value: JobValue, event: Event, rules: Rules) -> Step:
         case TransferFailed(problem=problem):
             if state is _S.DOWNLOADING:
                 return _fail(value, problem)
-        case LocalFailed(problem=problem, during=during):
-            if during == "path" and state is _S.DOWNLOADING:
-                return _fail(value, problem)
-            if (during, state) in (("transfer", _S.DOWNLOADING), ("verify", _S.VERIFYING)):
-                return _fail(value, problem, StopDownloads(), DiscardPart())
+        case LocalFailed(during=during):
+            if (during, state) in _LOCAL_STAGES:
+                return _local_failed(value, event)
         case BytesEnded():
             if state is _S.DOWNLOADING:
                 return _move(value, _S.VERIFYING), (Verify(),)
@@ -658,6 +682,40 @@ def step(value: JobValue, event: Event, rules: Rules) -> Step:
                 return kept, _FAILED_JOB
             return _fail(value, problem)
     raise _unexpected(value, event)
+
+
+#: Where a local failure can happen: (``during``, state).
+_LOCAL_STAGES = frozenset(
+    {("path", _S.DOWNLOADING), ("transfer", _S.DOWNLOADING), ("verify", _S.VERIFYING)}
+)
+
+
+def _local_failed(value: JobValue, event: LocalFailed) -> Step:
+    """The rows of a local failure: whose problem is it, the disk's, the process's or the job's?
+
+    * the whole disk (full, read-only, over quota; or the output dir itself unwritable): the job
+      fails, its ``.part`` goes, and no other download starts in this run;
+    * the process (no file descriptor left): a passing condition; wait and do the same again, up to
+      :data:`MAX_LOCAL_RETRIES` times (then the job fails alone, its ``.part`` kept);
+    * anything else is the job's own path (a folder where the package goes, a name too long, a
+      ``.part`` that vanished): that job fails alone.
+    """
+    problem, during = event.problem, event.during
+    if problem.code in TRANSIENT_LOCAL_CODES:
+        if value.local_retries >= MAX_LOCAL_RETRIES:
+            return _fail(value, problem)
+        wait = LOCAL_RETRY_BASE * 2.0**value.local_retries
+        again: Action = Verify() if during == "verify" else Download(etag=value.record.part_etag)
+        note = Inform(f"{problem.message}; trying again in {wait:g} s", "local_retry", problem.code)
+        return replace(value, local_retries=value.local_retries + 1), (note, Wait(wait), again)
+    disk_wide = problem.code in DISK_WIDE_CODES or (
+        problem.code == "permission_denied" and not event.output_writable
+    )
+    if disk_wide:
+        return _fail(value, problem, StopDownloads(), DiscardPart())
+    if during == "path":
+        return _fail(value, problem)
+    return _fail(value, problem, DiscardPart())
 
 
 def _answered(value: JobValue, event: Answered, rules: Rules) -> Step:

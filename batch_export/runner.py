@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,7 @@ from batch_export.download import (
     Transfer,
     commit_part,
     discard_part,
+    local_io_error,
     part_path,
     verify_package,
 )
@@ -83,6 +85,7 @@ from batch_export.lifecycle import (
     Verified,
     Verify,
     VerifyFailed,
+    Wait,
     is_url_expired,
     job_key,
     step,
@@ -119,6 +122,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("batch_export")
+
+#: The error code of the state store failing (``store.SqliteStore``): the run stops, no job fails.
+STATE_STORE = "state_store"
 
 
 class Uploader(Protocol):
@@ -254,6 +260,7 @@ class Runner:
         self._download_slots = anyio.Semaphore(settings.downloads)
         self._stop_downloads = False
         self._values: dict[str, JobValue] = {}
+        self._fatal: Problem | None = None  # the state store failed: the run stopped
         self._max_runtime = max_runtime
         self._jobs_scope: anyio.CancelScope | None = None  # made inside the event loop
         self.stop = stop or StopController()
@@ -316,6 +323,7 @@ class Runner:
             throttled=self._client.stats.throttled,
             wall_seconds=self._clock.monotonic() - started,
             stopped_by=self.stopped_by,
+            fatal=self._fatal,
             api_by_status=dict(self._client.stats.by_status or {}),
             breaker=self._breaker_report(),
             discovery=self._discovered.entries,
@@ -374,7 +382,13 @@ class Runner:
         these one by one would cost minutes.
         """
         keys = [job_key(spec) for spec in self.specs]
-        stored = await self._store.load_many(keys)
+        try:
+            stored = await self._store.load_many(keys)
+        except JobError as exc:
+            if exc.code != STATE_STORE:
+                raise
+            self._store_failed(None, exc)  # nothing will run: every job stays pending
+            stored = {}
         force = self.settings.force
         confirmed = None  # object-store output: done objects the uploader takes as present
         if self._uploader is not None and not force:
@@ -420,7 +434,10 @@ class Runner:
         except _Stop:
             job.outcome = Outcome.PENDING
         except JobError as exc:
-            await self._abort(job, self._problem(exc))
+            if exc.code == STATE_STORE:
+                self._store_failed(job, exc)
+            else:
+                await self._abort(job, self._problem(exc))
         except Exception as exc:  # a bug: this job fails, the run goes on
             log.error(
                 "internal error in job %s: %s",
@@ -492,6 +509,9 @@ class Runner:
             case TimeOut(after=after):
                 await self._clock.sleep(after)
                 return PollDeadline()
+            case Wait(after=after):
+                await self._clock.sleep(after)
+                return None
             case AwaitDownloadSlot():
                 if await slots.take(self._download_slots) and self._stop_downloads:
                     raise _Stop()
@@ -517,8 +537,7 @@ class Runner:
                 extra = {"event": name, "key": job.key, "error_code": code} if name else None
                 log.info("job %s: %s", job.key[:12], message, extra=extra)
                 return None
-            case Skip() | Finish():
-                raise IllegalTransition(f"{type(action).__name__} cannot be performed")
+        raise IllegalTransition(f"{type(action).__name__} cannot be performed")
 
     # ----------------------------------------------------------------- actions
 
@@ -555,7 +574,9 @@ class Runner:
         try:
             await anyio.to_thread.run_sync(self._check_inside_out_dir, job.final)
         except LocalIOError as exc:
-            return LocalFailed(self._problem(exc), during="path")
+            return await self._local_failed(exc, "path")
+        except OSError as exc:
+            return await self._local_failed(local_io_error(exc), "path")
         assert context.package is not None  # a download follows a ready answer
 
         async def on_attempt(offset: int, etag: str | None, total: int | None) -> None:
@@ -589,7 +610,7 @@ class Runner:
         except UrlRejected as exc:
             return StorageRefused(self._problem(exc))
         except LocalIOError as exc:
-            return LocalFailed(self._problem(exc), during="transfer")
+            return await self._local_failed(exc, "transfer")
         except JobError as exc:
             return TransferFailed(self._problem(exc))
         return BytesEnded()
@@ -606,11 +627,9 @@ class Runner:
         except VerificationError as exc:
             return VerifyFailed(self._problem(exc))
         except LocalIOError as exc:
-            return LocalFailed(self._problem(exc), during="verify")
+            return await self._local_failed(exc, "verify")
         except OSError as exc:  # the disk failed us after the bytes arrived
-            reason = exc.strerror or type(exc).__name__
-            problem = Problem("local_io", f"cannot read back or commit the package: {reason}")
-            return LocalFailed(problem, during="verify")
+            return await self._local_failed(local_io_error(exc), "verify")
         return Verified(size=transfer.size, sha256=transfer.sha256)
 
     async def _upload(self, job: Job, context: _Context) -> Event:
@@ -624,6 +643,39 @@ class Runner:
                 self._heed(job, self._breaker.store_refused(job.key, message=problem.message))
             return UploadFailed(problem)
         return Uploaded()
+
+    async def _local_failed(self, exc: LocalIOError, during: str) -> LocalFailed:
+        """The event of a local failure, with the fact the machine needs to judge whose it is.
+
+        Raises:
+            LocalIOError: ``exc`` itself when it is the state store's (the run stops, see
+                :meth:`_store_failed`), not the package's.
+        """
+        if exc.code == STATE_STORE:
+            raise exc
+        writable = True
+        if exc.code == "permission_denied":
+            writable = await anyio.to_thread.run_sync(os.access, self.settings.out_dir, os.W_OK)
+        return LocalFailed(self._problem(exc), during=during, output_writable=writable)
+
+    def _store_failed(self, job: Job | None, exc: JobError) -> None:
+        """The state store failed mid-run (its disk full, an I/O error): stop the run cleanly.
+
+        Nothing more can be recorded, so nothing more is done: the job stays pending (its last
+        committed state is what the next run resumes), and the run ends with exit code 1, writing
+        the report and metrics wherever their own paths still work.
+        """
+        if job is not None:
+            job.outcome = Outcome.PENDING
+        if self._fatal is None:
+            self._fatal = Problem(STATE_STORE, self._redact(exc.message))
+            log.error(
+                "the state store failed: %s; stopping the run (the next run resumes from what was "
+                "saved)",
+                self._fatal.message,
+                extra={"event": "run_error", "error_code": STATE_STORE},
+            )
+        self.stop.request(STATE_STORE)
 
     def _check_inside_out_dir(self, final: Path) -> None:
         """Refuse a final path that a symlink inside the output dir would send elsewhere.
@@ -719,13 +771,9 @@ class Runner:
         job.outcome = Outcome.FAILED
         try:
             await self._step(job, Aborted(problem))
-        except JobError as store_error:  # the state store itself failed: report, don't crash
+        except JobError as store_error:  # the state store itself failed: stop, don't crash
             log.error("job %s: cannot record its failure: %s", job.key[:12], store_error.message)
-            job.record = job.record.evolve(
-                error_code=problem.code,
-                error_message=problem.message,
-                error_http_status=problem.http_status,
-            )
+            self._store_failed(job, store_error)
 
     def _result(self, job: Job) -> JobResult:
         record = job.record

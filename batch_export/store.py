@@ -357,6 +357,7 @@ class SqliteStore:
         try:
             await _configure(db, path, busy_timeout)
             await _migrate(db, path)
+            await _check_integrity(db, path)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await db.close()
@@ -669,9 +670,35 @@ def _closed_error(job_key: str | None) -> LocalIOError:
 
 
 def _open_error(path: Path, exc: sqlite3.Error) -> UsageError:
-    if getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB":
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_NOTADB":
         return UsageError(f"{path} is not a SQLite database (is --state-dir right?)")
+    if name == "SQLITE_CORRUPT":
+        return _damaged(path, str(exc))
     return UsageError(f"cannot open the state store {path}: {exc}")
+
+
+def _damaged(path: Path, detail: str) -> UsageError:
+    return UsageError(
+        f"the state store {path} is damaged ({' '.join(detail.split())[:200]}); restore a backup, "
+        "or move it aside "
+        "to start afresh (done jobs whose files are present are then downloaded again)"
+    )
+
+
+async def _check_integrity(db: aiosqlite.Connection, path: Path) -> None:
+    """Refuse a damaged (e.g. truncated) database before anything is requested.
+
+    ``PRAGMA quick_check`` reads every page once without checking indexes against tables (SQLite
+    docs, "PRAGMA quick_check"): milliseconds for 100,000 jobs.
+
+    Raises:
+        UsageError: the check found damage.
+    """
+    rows = list(await db.execute_fetchall("PRAGMA quick_check(1)"))
+    verdict = str(rows[0][0]) if rows else "no answer"
+    if verdict != "ok":
+        raise _damaged(path, verdict)
 
 
 async def _configure(db: aiosqlite.Connection, path: Path, busy_timeout: float) -> None:

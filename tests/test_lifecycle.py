@@ -44,6 +44,7 @@ from batch_export.lifecycle import (
     Verified,
     Verify,
     VerifyFailed,
+    Wait,
     advance,
     backoff_delay,
     is_url_expired,
@@ -512,3 +513,59 @@ def replace_record(value: JobValue, **changes: object) -> JobValue:
     from dataclasses import replace
 
     return replace(value, record=value.record.evolve(**changes))
+
+
+@pytest.mark.parametrize("during", ["transfer", "verify"])
+@pytest.mark.parametrize("code", ["disk_full", "read_only_output"])
+def test_a_disk_wide_failure_stops_every_download(during: str, code: str) -> None:
+    value = downloading() if during == "transfer" else verifying()
+    value, actions = step(value, LocalFailed(Problem(code, "x"), during), rules())
+    assert value.state is S.FAILED
+    assert actions == (StopDownloads(), DiscardPart(), Finish(Outcome.FAILED))
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_permission_denied_stops_downloads_only_when_the_output_dir_itself_is_unwritable(
+    writable: bool,
+) -> None:
+    event = LocalFailed(Problem("permission_denied", "x"), "transfer", output_writable=writable)
+    value, actions = step(downloading(), event, rules())
+    assert value.state is S.FAILED
+    stop = () if writable else (StopDownloads(),)
+    assert actions == (*stop, DiscardPart(), Finish(Outcome.FAILED))
+
+
+@pytest.mark.parametrize(
+    ("during", "code"),
+    [
+        ("transfer", "path_too_long"),
+        ("transfer", "path_clash"),
+        ("verify", "local_io"),
+        ("verify", "path_clash"),
+        ("path", "path_escape"),
+    ],
+)
+def test_a_jobs_own_path_problem_never_stops_the_others(during: str, code: str) -> None:
+    value = verifying() if during == "verify" else downloading()
+    value, actions = step(value, LocalFailed(Problem(code, "x"), during), rules())
+    assert value.state is S.FAILED and value.record.error_code == code
+    assert StopDownloads() not in actions and actions[-1] == Finish(Outcome.FAILED)
+
+
+@pytest.mark.parametrize(("during", "again"), [("transfer", Download('"e"')), ("verify", Verify())])
+def test_no_descriptor_left_backs_off_and_does_the_same_again(during: str, again: object) -> None:
+    value = replace_record(verifying() if during == "verify" else downloading(), part_etag='"e"')
+    state = value.state
+    problem = Problem("too_many_open_files", "cannot write the package: Too many open files")
+    waits = []
+    for n in range(5):
+        value, actions = step(value, LocalFailed(problem, during), rules())
+        assert value.state is state and value.local_retries == n + 1
+        note, wait, then = actions
+        assert isinstance(note, Inform) and note.event == "local_retry"
+        assert isinstance(wait, Wait) and then == again
+        waits.append(wait.after)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0]
+    value, actions = step(value, LocalFailed(problem, during), rules())
+    assert value.state is S.FAILED and value.record.error_code == "too_many_open_files"
+    assert actions == (Finish(Outcome.FAILED),)  # the .part is fine: kept for the next run

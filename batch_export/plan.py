@@ -36,7 +36,9 @@ def plan_lines(
     lines = []
     specs = manifest.exports if specs is None else specs
     for spec in specs:
-        dest = settings.out_dir / spec.relpath if settings else Path(spec.relpath)
+        dest: object = settings.out_dir / spec.relpath if settings else Path(spec.relpath)
+        if settings is not None and settings.out_url is not None:  # staged, then uploaded here
+            dest = f"{settings.out_url}/{spec.relpath}"
         lines.append(
             escape_controls(
                 f"{job_key(spec)[:12]}  PUT /v0/aoi/{spec.aoi_id}/insights/{spec.insight_id}/download"

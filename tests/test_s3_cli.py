@@ -268,3 +268,12 @@ def test_kill_9_during_upload_resumes_without_api_or_storage_requests(
         assert metadata["sha256"] == hashlib.sha256(data).hexdigest()
         assert s3_server.uploads(BUCKET, "kill9/") == []
         assert list(db_states(folder).values()) == ["done"]
+
+
+def test_dry_run_names_the_objects_and_sends_nothing(sandbox: Sandbox, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, sandbox, 2)
+    result = run(manifest, sandbox, "http://127.0.0.1:9", "--out", "s3://bucket/plan", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    first = sandbox.catalog.aois[0]
+    assert f"-> s3://bucket/plan/{first.id}/{first.insights[0].id}/job00.zip" in result.stdout
+    assert sandbox.requests == []

@@ -249,3 +249,36 @@ async def test_multipart_package_through_the_runner(
     parts = [seen for seen in proxy.requests if seen.operation == "UploadPart"]
     assert len(parts) == -(-len(data) // (5 * MiB))
     assert all(seen.headers.get("content-md5") for seen in parts)
+
+
+async def test_python_api_exports_into_a_bucket(
+    sandbox: Sandbox, s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    import batch_export
+
+    specs = specs_from(sandbox, 2)
+    lines = ["version: 1", "limits: {poll_interval: 0.05s, rate: 100}", "exports:"]
+    for spec in specs:
+        lines.append(
+            f'  - {{aoi_id: "{spec.aoi_id}", insight_id: "{spec.insight_id}", name: "{spec.name}", '
+            f"inputs: {json.dumps(list(spec.inputs))}, outputs: {json.dumps(list(spec.outputs))}}}"
+        )
+    manifest = tmp_path / "nightly.yaml"
+    manifest.write_text("\n".join(lines) + "\n")
+    result = await batch_export.export_async(
+        manifest,
+        out=f"s3://{BUCKET}/api-{uuid.uuid4().hex[:6]}",
+        api_url=sandbox.api_url,
+        api_key=KEY,
+        staging_dir=tmp_path / "staging",
+        check_existing=True,
+    )
+    assert result.exit_code == 0
+    assert [job["path"].startswith(f"s3://{BUCKET}/api-") for job in result.jobs] == [True, True]
+    assert (tmp_path / "staging").is_dir()
+    assert result.report_path is not None
+    assert result.report_path.parent.parent.parent.parent == tmp_path / ".batch-export" / "s3"
+    for job in result.jobs:
+        key = str(job["path"]).split("/", 3)[3]
+        data, metadata = s3_server.get(key)
+        assert hashlib.sha256(data).hexdigest() == job["sha256"] == metadata["sha256"]

@@ -16,15 +16,17 @@ import ctypes
 import errno
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import random
 import re
 import struct
 import threading
+import time
 import zipfile
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,15 @@ log = logging.getLogger(__name__)
 
 #: Default of ``limits.segment_min``: a package must be larger than this to be segmented (bytes).
 SEGMENT_MIN = 32 * 1024 * 1024
+#: Connections a segmented download opens at once; the others follow when the event loop has
+#: time for them (see ``_Segmented._ramp``).
+_FIRST_CONNECTIONS = 2
+#: Seconds (real time) over which the first connections' rates are measured.
+_RAMP_PROBE = 0.15
+#: A connection at least this fast (bytes/s) is not capped: no more are opened.
+FAST_CONNECTION = 64 * 1024 * 1024
+#: A process moving at least this much (bytes/s, all downloads) keeps its event loop busy.
+FAST_PROCESS = 256 * 1024 * 1024
 #: Bytes handed to the writer thread at once (SPEC §4: at least 1 MiB).
 PIECE_SIZE = 1024 * 1024
 #: Block size of the CRC-32s kept while streaming, from which members' CRCs are checked (bytes).
@@ -106,6 +117,7 @@ class Transfer:
         resumed_from: offset (bytes) the last successful request started at.
         block_crcs: CRC-32 of each :data:`CRC_BLOCK`-byte block of those bytes (the last one may
             be shorter), computed while streaming; ``None`` if not computed.
+        connections: connections the last attempt used at most (1: a single stream).
     """
 
     size: int = 0
@@ -116,6 +128,7 @@ class Transfer:
     etag: str | None = None
     resumed_from: int = 0
     block_crcs: list[int] | None = None
+    connections: int = 1
 
 
 class _PartSink:
@@ -280,6 +293,14 @@ class Downloader:
         allow_http: allow plain-http URLs/redirects to non-loopback hosts.
         backoff_base: seconds (first retry waits up to this, full jitter, doubling).
         backoff_cap: seconds.
+        ramp: open a segmented download's connections two first, the rest once those show
+            they are capped (``False``: all at once, e.g. in tests that count them).
+        fast_connection: bytes/s of a connection that is not capped (see ``ramp``).
+        fast_process: bytes/s of all downloads together above which no connection is added.
+
+    Attributes:
+        requests_sent: storage GETs so far.
+        bytes_received: body bytes received for ``.part`` files so far (all transfers).
     """
 
     def __init__(
@@ -293,9 +314,16 @@ class Downloader:
         backoff_base: float = 1.0,
         backoff_cap: float = 60.0,
         rng: random.Random | None = None,
+        ramp: bool = True,
+        fast_connection: float = FAST_CONNECTION,
+        fast_process: float = FAST_PROCESS,
     ) -> None:
         self._session = session
         self._clock = clock
+        self.ramp = ramp
+        self.fast_connection = fast_connection
+        self.fast_process = fast_process
+        self.bytes_received = 0
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=read_timeout, sock_read=read_timeout
         )
@@ -642,6 +670,7 @@ class Downloader:
             async for chunk in resp.content.iter_any():
                 chunks.append(chunk)
                 gathered += len(chunk)
+                self.bytes_received += len(chunk)
                 if gathered >= PIECE_SIZE:
                     data = b"".join(chunks)
                     chunks.clear()
@@ -1137,6 +1166,25 @@ def _load_fallocate() -> Callable[[int, int], None] | None:
 _FALLOCATE = _load_fallocate()
 
 
+def _pwrite_all(fd: int, parts: list[memoryview], offset: int) -> int:
+    """Write every part, in order, from ``offset`` (``pwritev``, retried after short writes).
+
+    Returns the bytes written.
+    """
+    views = collections.deque(part for part in parts if len(part))
+    total = 0
+    while views:
+        count = os.pwritev(fd, list(itertools.islice(views, 1024)), offset + total)  # IOV_MAX
+        total += count
+        while count:
+            if count >= len(views[0]):
+                count -= len(views.popleft())
+            else:
+                views[0] = views[0][count:]
+                count = 0
+    return total
+
+
 def _preallocate(fd: int, size: int) -> None:
     """Give the file ``size`` bytes: reserved where the file system allows, else sparse."""
     if os.fstat(fd).st_size >= size:
@@ -1187,19 +1235,35 @@ class _RangeSink:
             os.close(fd)
             raise
 
-    def write(self, offset: int, data: memoryview) -> None:
-        """Write ``data`` (whole CRC blocks, or the entity's last bytes) at ``offset``."""
-        position = 0
-        while position < len(data):
-            position += os.pwrite(self._fd, data[position:], offset + position)
-        for i in range(0, len(data), CRC_BLOCK):
-            self._crcs[(offset + i) // CRC_BLOCK] = zlib.crc32(data[i : i + CRC_BLOCK])
+    def write(self, offset: int, data: memoryview | Sequence[memoryview]) -> None:
+        """Write ``data`` (whole CRC blocks, or the entity's last bytes) at ``offset``.
+
+        ``data`` may be one buffer or the list of parts of a piece, written with one ``pwritev``
+        (no copy gathers them first).
+        """
+        parts = [data] if isinstance(data, memoryview) else list(data)
+        size = _pwrite_all(self._fd, parts, offset)
+        self._block_crcs(offset, parts)
         with self._lock:
-            self._done = add_range(self._done, offset, offset + len(data))
+            self._done = add_range(self._done, offset, offset + size)
             if self._hashing:
                 return  # the thread hashing now reaches these bytes (or reads them back)
             self._hashing = True
-        self._follow(offset, data)
+        self._follow(offset, parts, size)
+
+    def _block_crcs(self, offset: int, parts: list[memoryview]) -> None:
+        """CRC-32 of each block the parts (from block-aligned ``offset``) complete."""
+        crc, position = 0, offset
+        for part in parts:
+            view = part
+            while view:
+                take = view[: CRC_BLOCK - position % CRC_BLOCK]
+                crc = zlib.crc32(take, crc)
+                position += len(take)
+                view = view[len(take) :]
+                if position % CRC_BLOCK == 0 or position == self.total:
+                    self._crcs[(position - 1) // CRC_BLOCK] = crc
+                    crc = 0
 
     def catch_up(self) -> None:
         """Hash the prefix as far as it is on disk (e.g. what an earlier run left)."""
@@ -1207,10 +1271,14 @@ class _RangeSink:
             if self._hashing:
                 return
             self._hashing = True
-        self._follow(0, memoryview(b""))
+        self._follow(0, [], 0)
 
-    def _follow(self, offset: int, data: memoryview) -> None:
-        """Hash the prefix as far as it reaches; this thread holds the hashing role."""
+    def _follow(self, offset: int, parts: list[memoryview], size: int) -> None:
+        """Hash the prefix as far as it reaches; this thread holds the hashing role.
+
+        The piece just written (``parts``, ``size`` bytes at ``offset``) is hashed from memory
+        when it starts where the prefix ends; anything else is read back.
+        """
         try:
             while True:
                 with self._lock:
@@ -1220,10 +1288,11 @@ class _RangeSink:
                         self._hashing = False
                         return
                 start = self._hashed
-                if offset <= start < offset + len(data):
-                    piece = data[start - offset : min(reach, offset + len(data)) - offset]
-                    self._digest(piece)
-                    self._hashed = start + len(piece)
+                if size and start == offset:
+                    for part in parts:
+                        self._digest(part)
+                    self._hashed = offset + size
+                    size = 0
                 else:
                     self._read_back(start, reach)
                 self._write_back()
@@ -1234,7 +1303,7 @@ class _RangeSink:
 
     def _read_back(self, start: int, stop: int) -> None:
         if self._buffer is None:
-            self._buffer = bytearray(4 * PIECE_SIZE)
+            self._buffer = bytearray(2 * PIECE_SIZE)
         view = memoryview(self._buffer)
         position = start
         while position < stop:
@@ -1341,6 +1410,9 @@ class _Segmented:
         )
         self._sink: _RangeSink | None = None
         self._sink_lock = anyio.Lock()
+        # Pieces received but not yet written, all connections together: each connection holds
+        # at most two (one arriving, one being written); this bounds the memory of a download.
+        self._pieces = anyio.Semaphore(job.connections + 2)
         self._dirty = anyio.Event()
         self._saved: SegmentState | None = progress
         self._announced = False
@@ -1353,6 +1425,8 @@ class _Segmented:
             UrlRejected, RetriesExhausted, StorageError, LocalIOError: as for ``transfer``.
         """
         self._announced = first is not None
+        self._workers = 0
+        self._received = 0
         try:
             try:
                 async with anyio.create_task_group() as group:
@@ -1365,8 +1439,12 @@ class _Segmented:
                             await self._ensure_sink()
                             workers.start_soon(self._worker, first, _Claim(*claim, claim[0]))
                             claims = 1
-                        for _ in range(self._job.connections - claims):
+                        wanted = self._job.connections
+                        start_now = wanted if not self._d.ramp else min(wanted, _FIRST_CONNECTIONS)
+                        for _ in range(start_now - claims):
                             workers.start_soon(self._worker, None, None)
+                        if start_now < wanted:
+                            group.start_soon(self._ramp, workers, wanted - start_now)
                     group.cancel_scope.cancel()
             except BaseExceptionGroup as group_error:
                 raise _most_telling(group_error) from None
@@ -1387,6 +1465,30 @@ class _Segmented:
         state.block_crcs = self._sink.block_crcs()
         state.resumed_from = 0
         return state
+
+    async def _ramp(self, workers: anyio.abc.TaskGroup, more: int) -> None:
+        """Open the other connections once the first two show that more would help.
+
+        Extra streams pay off where each connection is capped (object stores cap each one at
+        tens of MB/s; long round trips cap a TCP stream). Where one stream is fast (a fast link),
+        or this process already moves a lot (several downloads at once), the event loop thread
+        is the limit and more streams only add wake-ups and smaller reads per MiB (profiled, see
+        ``benchmarks/RESULTS.md``). So over each :data:`_RAMP_PROBE` seconds (real time) the
+        rate per open connection and the process's rate are measured; when both are below
+        ``fast_connection`` and ``fast_process`` the remaining connections open at once, else
+        the check repeats while ranges are left.
+        """
+        downloader = self._d
+        while more and self._schedule.unclaimed:
+            mine, everyone, wall = self._received, downloader.bytes_received, time.perf_counter()
+            await anyio.sleep(_RAMP_PROBE)
+            seconds = max(1e-9, time.perf_counter() - wall)
+            per_connection = (self._received - mine) / seconds / max(1, self._workers)
+            process = (downloader.bytes_received - everyone) / seconds
+            if per_connection < downloader.fast_connection and process < downloader.fast_process:
+                for _ in range(more):
+                    workers.start_soon(self._worker, None, None)
+                return
 
     async def _recorder(self) -> None:
         while True:
@@ -1417,6 +1519,7 @@ class _Segmented:
             return self._sink
 
     async def _worker(self, first: aiohttp.ClientResponse | None, claim: _Claim | None) -> None:
+        self._state.connections = self._workers = self._workers + 1
         budget = self._d._retry.budget(self._job.job_key)
         while True:
             if claim is None:
@@ -1502,31 +1605,37 @@ class _Segmented:
     async def _copy(self, resp: aiohttp.ClientResponse, claim: _Claim) -> None:
         """Write the body's bytes for ``[claim.reached, claim.stop)`` at their offsets.
 
-        Pieces of :data:`PIECE_SIZE` bytes (whole CRC blocks) are gathered in two reused
-        buffers: one is written (worker thread) while the other fills. Stops reading at
+        Pieces of :data:`PIECE_SIZE` bytes (one CRC block) are the received chunks themselves
+        (views, no copy), written with one ``pwritev`` in a worker thread while the next piece
+        arrives; the download's budget of pieces bounds how many exist at once. Stops reading at
         ``claim.stop``. On a failure, what was received is still written up to the last whole
         block (the rest is fetched again).
         """
-        sink = self._sink
-        assert sink is not None
-        buffers = (bytearray(PIECE_SIZE), bytearray(PIECE_SIZE))
-        which, fill, piece_start = 0, 0, claim.reached
+        budget = self._pieces
+        parts: list[memoryview] = []
+        held = False  # this piece's place in the budget
+        fill, piece_start = 0, claim.reached
         pending: asyncio.Task[None] | None = None
         ok = False
         try:
             async for chunk in resp.content.iter_any():
                 view = memoryview(chunk)
                 while view:
+                    if not held:
+                        await budget.acquire()
+                        held = True
                     count = min(PIECE_SIZE - fill, len(view), claim.stop - piece_start - fill)
-                    buffers[which][fill : fill + count] = view[:count]
+                    parts.append(view[:count])
                     fill += count
+                    self._received += count
+                    self._d.bytes_received += count
                     view = view[count:]
                     if fill == PIECE_SIZE or piece_start + fill == claim.stop:
                         if pending is not None:
                             await asyncio.shield(pending)
-                        piece = memoryview(buffers[which])[:fill]
-                        pending = asyncio.ensure_future(self._put(claim, piece_start, piece))
-                        which, piece_start, fill = which ^ 1, piece_start + fill, 0
+                        piece, parts, held = parts, [], False
+                        pending = asyncio.ensure_future(self._put(claim, piece_start, piece, fill))
+                        piece_start, fill = piece_start + fill, 0
                     if piece_start == claim.stop:
                         break
                 if piece_start == claim.stop:
@@ -1534,13 +1643,17 @@ class _Segmented:
             ok = piece_start == claim.stop
         finally:
             with anyio.CancelScope(shield=True):
-                if pending is not None:
-                    await pending  # a failed write raises here
-                if fill and not ok:
+                try:
+                    if pending is not None:
+                        await pending  # a failed write raises here
                     end = piece_start + fill
                     keep = fill if end == self._total else fill - fill % CRC_BLOCK
-                    if keep:
-                        await self._put(claim, piece_start, memoryview(buffers[which])[:keep])
+                    if held and keep and not ok:
+                        held = False
+                        await self._put(claim, piece_start, _first_bytes(parts, keep), keep)
+                finally:
+                    if held:
+                        budget.release()
         if not ok:
             raise _Retry(
                 f"storage sent {claim.reached - claim.start} of the "
@@ -1548,13 +1661,28 @@ class _Segmented:
                 code="truncated",
             )
 
-    async def _put(self, claim: _Claim, offset: int, piece: memoryview) -> None:
+    async def _put(self, claim: _Claim, offset: int, parts: list[memoryview], count: int) -> None:
+        """Write ``parts`` (``count`` bytes) at ``offset``, record it, free its budget place."""
         assert self._sink is not None
-        await _local(self._sink.write, offset, piece)
-        claim.reached = offset + len(piece)
-        self._schedule.progress(offset, offset + len(piece))
-        self._job.on_bytes(len(piece))
+        try:
+            await _local(self._sink.write, offset, parts)
+        finally:
+            self._pieces.release()
+        claim.reached = offset + count
+        self._schedule.progress(offset, offset + count)
+        self._job.on_bytes(count)
         self._dirty.set()
+
+
+def _first_bytes(parts: list[memoryview], count: int) -> list[memoryview]:
+    """The first ``count`` bytes of ``parts``, as views."""
+    out: list[memoryview] = []
+    for part in parts:
+        if count <= 0:
+            break
+        out.append(part[:count])
+        count -= len(out[-1])
+    return out
 
 
 def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:

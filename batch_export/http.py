@@ -335,6 +335,12 @@ class SessionFactory(Protocol):
         ...
 
 
+#: Bytes a storage response buffers before aiohttp pauses the socket (it pauses at twice this).
+#: aiohttp's default (64 KiB) pauses and resumes reading at nearly every 256 KiB socket read: an
+#: ``epoll_ctl`` pair and a wake-up each; 256 KiB makes that rare at 512 KiB per connection.
+_STORAGE_READ_BUFSIZE = 256 * 1024
+
+
 @asynccontextmanager
 async def open_sessions(
     *,
@@ -375,7 +381,9 @@ async def open_sessions(
 
     async with (
         session(api_connections) as api,
-        session(storage_connections, auto_decompress=False) as storage,
+        session(
+            storage_connections, auto_decompress=False, read_bufsize=_STORAGE_READ_BUFSIZE
+        ) as storage,
     ):
         yield Sessions(api=HttpSession(api, proxies), storage=HttpSession(storage, proxies))
 

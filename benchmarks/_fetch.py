@@ -1,6 +1,7 @@
 """Child process: the runner downloads the given URLs (its real download/verify/commit path).
 
-Usage: ``python -m benchmarks._fetch '{"urls": [...], "out": DIR}'``. A tiny API in this process
+Usage: ``python -m benchmarks._fetch '{"urls": [...], "out": DIR, "connections": N}'`` (``connections``
+optional: the default setting otherwise). A tiny API in this process
 answers every PUT with ``ready`` and one of the URLs as ``signed_url``; a real
 :class:`~batch_export.runner.Runner` (SQLite store, one job per URL, every job downloading at once)
 does the rest. Prints one JSON line: wall and CPU seconds of the run (interpreter start-up excluded),
@@ -9,6 +10,7 @@ peak RSS of the process (``VmHWM``), exit code, bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -44,7 +46,7 @@ def _peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-async def _main(urls: list[str], out: Path) -> dict[str, Any]:
+async def _main(urls: list[str], out: Path, connections: int | None) -> dict[str, Any]:
     async def put(request: web.Request) -> web.Response:
         url = urls[int(request.match_info["insight_id"])]
         return web.json_response(
@@ -70,6 +72,8 @@ async def _main(urls: list[str], out: Path) -> dict[str, Any]:
         downloads=len(urls),
         rate=1000.0,
     )
+    if connections is not None:
+        settings = dataclasses.replace(settings, connections=connections)
     store = await SqliteStore.open(settings.state_dir)
     try:
         before = resource.getrusage(resource.RUSAGE_SELF)
@@ -94,7 +98,8 @@ async def _main(urls: list[str], out: Path) -> dict[str, Any]:
 def main() -> None:
     """Run the downloads named by ``sys.argv[1]`` and print the JSON figures."""
     args = json.loads(sys.argv[1])
-    print(json.dumps(anyio.run(_main, list(args["urls"]), Path(args["out"]))), flush=True)
+    figures = anyio.run(_main, list(args["urls"]), Path(args["out"]), args.get("connections"))
+    print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

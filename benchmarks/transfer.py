@@ -1,22 +1,29 @@
-"""Issue 5 items 2 and 3: transfer throughput, CPU per GiB and peak RSS, against curl.
+"""Transfer throughput, CPU per GiB and peak RSS, against curl and aria2c (issues 5, 13, 15).
 
-nginx (Debian's package; installed here with apt-get when missing and possible) serves generated zip
-packages on loopback: one of 2 GiB, and eight of 256 MiB fetched concurrently. Side by side, in the
-same run, on the same URLs and the same disk:
+Prerequisites: ``apt-get update && apt-get install -y nginx aria2`` (Debian's packages; nginx is
+installed here with apt-get when missing and possible; without nginx the section says SKIPPED,
+without aria2c the capped case skips its aria2c rows). nginx serves generated zip packages on
+loopback: one of 2 GiB, eight of 256 MiB fetched concurrently, and one of 1 GiB from a location
+with ``limit_rate 20m`` (20 MiB/s per connection, as object stores cap each connection). Side by
+side, in the same run, on the same URLs and the same disk:
 
 * *bare curl*: ``curl -o FILE`` (``curl --parallel`` for the 8): the transfer limit;
 * *verified pipeline*: the same, then ``sha256sum`` and ``unzip -tq`` -- what gives a shell user the
   guarantees batch-export gives (byte count, digest, every member's CRC);
 * *runner*: a real :class:`~batch_export.runner.Runner` in a child process (``benchmarks._fetch``),
   whose download path streams, hashes (SHA-256, block CRCs), checks every member's CRC, fsyncs and
-  renames. nginx's ETag is not an MD5, so no MD5 is promised or computed; the 2 GiB package is also
+  renames; default settings (8 connections per download) unless the label says otherwise.
+  nginx's ETag is not an MD5, so no MD5 is promised or computed; the 2 GiB package is also
   fetched from a location that sends ``Content-MD5`` (as S3's single-part ETag would), where the
-  runner computes and checks an MD5 as well (informational figure).
+  runner computes and checks an MD5 as well (informational figure);
+* *aria2c* ``-x8 -s8`` / ``-x16 -s16`` (capped case): the segmented-download reference.
 
-The methods take turns, :data:`REPEATS` rounds (the slow verified pipeline
-:data:`PIPELINE_REPEATS`), so a burst of other work on this shared machine hits them alike; the
-fastest run of each counts, and its lowest CPU. CPU seconds are user + system of the process tree
-(curl, sha256sum, unzip / the runner after interpreter start-up).
+Every figure is **whole process**, spawn to exit, as an operator's cron job sees it (interpreter
+start-up, imports and the PUTs included); the runner's in-process time is shown beside it. The
+methods take turns, :data:`REPEATS` rounds (the slow single-connection and verified-pipeline runs
+fewer), so a burst of other work on this shared machine hits them alike; the **median** run counts
+and the spread (fastest-slowest) is shown. CPU seconds are user + system of the process tree
+(``wait4``), the median of the runs; peak RSS the largest.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -39,11 +47,14 @@ from pathlib import Path
 
 from benchmarks._common import GIB, MIB, PYTHON, ROOT, Figure, bench_env, log, run_measured
 
-REPEATS = 4
+REPEATS = 3
 PIPELINE_REPEATS = 1
+SLOW_REPEATS = 1  # single-connection runs of the capped case: ~50 s each
 BIG = 2 * GIB
 SMALL = 256 * MIB
 SMALL_COUNT = 8
+CAPPED = GIB
+CAP = "20m"  # nginx limit_rate: bytes/s per connection (m = MiB)
 _MEMBER = 64 * MIB
 _PIECE = MIB
 
@@ -143,6 +154,7 @@ http {{
         listen 127.0.0.1:{port};
         root {root};
         location / {{ }}
+        location /capped/ {{ alias {root}/; limit_rate {CAP}; }}
 {promised}    }}
 }}
 """
@@ -179,12 +191,58 @@ http {{
 
 @dataclass(slots=True)
 class Trial:
-    """One timed run of one method: wall and CPU seconds, peak RSS (MiB), bytes moved."""
+    """One timed run of one method: whole-process wall and CPU seconds, peak RSS (MiB), bytes.
+
+    ``inner`` is the runner's own wall time (interpreter start-up excluded), when known.
+    """
 
     wall: float
     cpu: float
     rss_mib: float
     bytes: int
+    inner: float | None = None
+
+
+@dataclass(slots=True)
+class Summary:
+    """The runs of one method: median wall and CPU, spread of the wall, peak RSS."""
+
+    wall: float
+    low: float
+    high: float
+    cpu: float
+    rss_mib: float
+    bytes: int
+    inner: float | None
+    runs: int
+
+    @classmethod
+    def of(cls, trials: list[Trial]) -> Summary:
+        walls = [t.wall for t in trials]
+        inner = [t.inner for t in trials if t.inner is not None]
+        return cls(
+            wall=statistics.median(walls),
+            low=min(walls),
+            high=max(walls),
+            cpu=statistics.median(t.cpu for t in trials),
+            rss_mib=max(t.rss_mib for t in trials),
+            bytes=trials[0].bytes,
+            inner=statistics.median(inner) if inner else None,
+            runs=len(trials),
+        )
+
+    def speed(self) -> str:
+        """``N MiB/s (median s, spread a-b s, n runs)``."""
+        spread = f", {self.low:.2f}-{self.high:.2f} s" if self.runs > 1 else ""
+        inner = f", in-process {self.inner:.2f} s" if self.inner is not None else ""
+        return (
+            f"{self.bytes / MIB / self.wall:,.0f} MiB/s ({self.wall:.2f} s{spread}, "
+            f"{self.runs} run{'s' if self.runs > 1 else ''}{inner})"
+        )
+
+    def cpu_per_gib(self) -> float:
+        """CPU seconds per GiB moved."""
+        return self.cpu / (self.bytes / GIB)
 
 
 def _curl(urls: list[str], files: list[Path]) -> str:
@@ -220,44 +278,68 @@ def verified_pipeline(urls: list[str], out: Path, size: int) -> Trial:
     return _shell(f"{_curl(urls, files)} && {_checks(files)}", size)
 
 
-def runner(urls: list[str], out: Path, size: int) -> Trial:
-    """The runner's download path in a child process (``benchmarks._fetch``)."""
-    measured = run_measured(
-        [PYTHON, "-m", "benchmarks._fetch", json.dumps({"urls": urls, "out": str(out)})],
-        env=bench_env(),
-        cwd=ROOT,
-    )
-    lines = measured.stdout.strip().splitlines()
-    if measured.returncode != 0 or not lines:
-        raise RuntimeError(f"the runner child failed: {measured.stderr.strip()[-500:]}")
-    got = json.loads(lines[-1])
-    if got["exit_code"] != 0 or got["bytes"] < size:
-        raise RuntimeError(f"the runner did not download everything: {got}")
-    return Trial(got["wall"], got["user"] + got["system"], got["peak_rss_kib"] / 1024, got["bytes"])
+def aria2c(connections: int) -> Callable[[list[str], Path, int], Trial]:
+    """``aria2c -xN -sN`` of one URL (the segmented-download reference)."""
+
+    def method(urls: list[str], out: Path, size: int) -> Trial:
+        (url,) = urls
+        script = (
+            f"aria2c -q -x{connections} -s{connections} --file-allocation=falloc "
+            f"--allow-overwrite=true --auto-file-renaming=false -d {out} -o a.zip {url}"
+        )
+        return _shell(script, size)
+
+    return method
 
 
+def runner(connections: int | None = None) -> Callable[[list[str], Path, int], Trial]:
+    """The runner's download path in a child process (``benchmarks._fetch``), whole process."""
+
+    def method(urls: list[str], out: Path, size: int) -> Trial:
+        request: dict[str, object] = {"urls": urls, "out": str(out)}
+        if connections is not None:
+            request["connections"] = connections
+        measured = run_measured(
+            [PYTHON, "-m", "benchmarks._fetch", json.dumps(request)], env=bench_env(), cwd=ROOT
+        )
+        lines = measured.stdout.strip().splitlines()
+        if measured.returncode != 0 or not lines:
+            raise RuntimeError(f"the runner child failed: {measured.stderr.strip()[-500:]}")
+        got = json.loads(lines[-1])
+        if got["exit_code"] != 0 or got["bytes"] < size:
+            raise RuntimeError(f"the runner did not download everything: {got}")
+        rss = max(measured.maxrss_mib, got["peak_rss_kib"] / 1024)
+        return Trial(measured.wall, measured.cpu, rss, got["bytes"], inner=got["wall"])
+
+    return method
+
+
+RUNNER = "runner"
+RUNNER_16 = "runner --connections 16"
+RUNNER_1 = "runner --connections 1"
 MD5_RUNNER = "runner, MD5 promised"
-METHODS: dict[str, Callable[[list[str], Path, int], Trial]] = {
-    "bare curl": bare_curl,
-    "verified pipeline": verified_pipeline,
-    "runner": runner,
+ARIA_8 = "aria2c -x8 -s8"
+ARIA_16 = "aria2c -x16 -s16"
+#: Runs of each method per scenario, by label (default: :data:`REPEATS`).
+_FEWER = {
+    "verified pipeline": PIPELINE_REPEATS,
+    MD5_RUNNER: PIPELINE_REPEATS,
+    RUNNER_16: PIPELINE_REPEATS,
 }
 
 
 def _rounds(
-    name: str, urls: list[str], work: Path, size: int, md5_urls: list[str] | None = None
-) -> dict[str, Trial]:
-    """Run the methods in turns; return each one's fastest run (with its lowest CPU).
-
-    With ``md5_urls`` the runner also fetches those (the same files, with an MD5 promised).
-    """
-    methods = dict(METHODS)
-    if md5_urls:
-        methods[MD5_RUNNER] = lambda _urls, out, size: runner(md5_urls, out, size)
+    name: str,
+    methods: dict[str, tuple[list[str], Callable[[list[str], Path, int], Trial]]],
+    work: Path,
+    size: int,
+    fewer: dict[str, int],
+) -> dict[str, Summary]:
+    """Run the methods in turns (alternating, round after round); summarise each one's runs."""
     trials: dict[str, list[Trial]] = {label: [] for label in methods}
     for round_ in range(REPEATS):
-        for label, method in methods.items():
-            if label == "verified pipeline" and round_ >= PIPELINE_REPEATS:
+        for label, (urls, method) in methods.items():
+            if round_ >= fewer.get(label, REPEATS):
                 continue
             log(f"transfer: {name}: {label} (round {round_ + 1})")
             out = Path(tempfile.mkdtemp(dir=work, prefix="out-"))
@@ -266,20 +348,14 @@ def _rounds(
             finally:
                 shutil.rmtree(out, ignore_errors=True)  # unsynced dirty pages never hit the disk
                 os.sync()
-    best: dict[str, Trial] = {}
-    for label, runs in trials.items():
-        fastest = min(runs, key=lambda t: t.wall)
-        fastest.cpu = min(t.cpu for t in runs)
-        fastest.rss_mib = max(t.rss_mib for t in runs)
-        best[label] = fastest
-    return best
+    return {label: Summary.of(runs) for label, runs in trials.items()}
 
 
 # ----------------------------------------------------------------------------------- section
 
 
 def run() -> list[Figure]:
-    """Measure both scenarios with the three methods; return the figures."""
+    """Measure the scenarios with every method; return the figures."""
     binary, how = find_nginx()
     if binary is None:
         line = f"SKIPPED transfer/CPU/memory benchmarks: {how}"
@@ -294,8 +370,12 @@ def run() -> list[Figure]:
         served = work / "www"
         served.mkdir()
         started = time.perf_counter()
-        log(f"transfer: generating 1 x {BIG // MIB} MiB + {SMALL_COUNT} x {SMALL // MIB} MiB zips")
+        log(
+            f"transfer: generating 1 x {BIG // MIB} MiB + {SMALL_COUNT} x {SMALL // MIB} MiB "
+            f"+ 1 x {CAPPED // MIB} MiB zips"
+        )
         make_zip(served / "big.zip", BIG, 1)
+        make_zip(served / "capped.zip", CAPPED, 2)
         for n in range(SMALL_COUNT):
             make_zip(served / f"small{n}.zip", SMALL, 100 + n)
         md5 = hashlib.md5(usedforsecurity=False)
@@ -308,62 +388,82 @@ def run() -> list[Figure]:
         log(f"transfer: packages ready in {time.perf_counter() - started:.1f} s; nginx {how}")
         md5s = {"big.zip": base64.b64encode(md5.digest()).decode()}
         with nginx_serving(binary, served, work / "nginx", md5s) as base:
-            scenarios = {
-                "1 x 2 GiB": ([f"{base}/big.zip"], os.path.getsize(served / "big.zip")),
-                "8 x 256 MiB": (
-                    [f"{base}/small{n}.zip" for n in range(SMALL_COUNT)],
-                    sum(os.path.getsize(served / f"small{n}.zip") for n in range(SMALL_COUNT)),
-                ),
+            big = [f"{base}/big.zip"]
+            small = [f"{base}/small{n}.zip" for n in range(SMALL_COUNT)]
+            capped = [f"{base}/capped/capped.zip"]
+            uncapped: dict[str, tuple[list[str], Callable[[list[str], Path, int], Trial]]] = {
+                "bare curl": (big, bare_curl),
+                "verified pipeline": (big, verified_pipeline),
+                RUNNER: (big, runner()),
+                RUNNER_16: (big, runner(16)),
+                MD5_RUNNER: ([f"{base}/md5/big.zip"], runner()),
             }
             results = {
-                name: _rounds(
-                    name, urls, work, size, [f"{base}/md5/big.zip"] if name == "1 x 2 GiB" else None
-                )
-                for name, (urls, size) in scenarios.items()
+                "1 x 2 GiB": _rounds(
+                    "1 x 2 GiB", uncapped, work, os.path.getsize(served / "big.zip"), _FEWER
+                ),
+                "8 x 256 MiB": _rounds(
+                    "8 x 256 MiB",
+                    {
+                        "bare curl": (small, bare_curl),
+                        "verified pipeline": (small, verified_pipeline),
+                        RUNNER: (small, runner()),
+                    },
+                    work,
+                    sum(os.path.getsize(served / f"small{n}.zip") for n in range(SMALL_COUNT)),
+                    _FEWER,
+                ),
             }
+            capped_methods: dict[str, tuple[list[str], Callable[[list[str], Path, int], Trial]]]
+            capped_methods = {
+                "bare curl": (capped, bare_curl),
+                RUNNER_1: (capped, runner(1)),
+                RUNNER: (capped, runner()),
+                RUNNER_16: (capped, runner(16)),
+            }
+            if shutil.which("aria2c"):
+                capped_methods[ARIA_8] = (capped, aria2c(8))
+                capped_methods[ARIA_16] = (capped, aria2c(16))
+            else:
+                log("transfer: aria2c missing (apt-get install -y aria2): capped case without it")
+            results[f"1 x 1 GiB, {CAP}/connection"] = _rounds(
+                "1 x 1 GiB capped",
+                capped_methods,
+                work,
+                os.path.getsize(served / "capped.zip"),
+                {"bare curl": SLOW_REPEATS, RUNNER_1: SLOW_REPEATS},
+            )
         return _figures(results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _figures(results: dict[str, dict[str, Trial]]) -> list[Figure]:
+def _figures(results: dict[str, dict[str, Summary]]) -> list[Figure]:
     figures: list[Figure] = []
-    for name, trials in results.items():
-        bare, pipe, mine = trials["bare curl"], trials["verified pipeline"], trials["runner"]
-
-        def speed(t: Trial) -> str:
-            return f"{t.bytes / MIB / t.wall:,.0f} MiB/s ({t.wall:.2f} s)"
-
-        raw = f"runner {speed(mine)}, verified pipeline {speed(pipe)}, bare curl {speed(bare)}"
-        figures.append(
-            Figure(
-                "transfer",
-                f"{name}: runner speed / verified pipeline",
-                pipe.wall / mine.wall,
-                "x",
-                ">= 1.0",
-                pipe.wall / mine.wall >= 1.0,
-                raw,
-            )
+    for name in ("1 x 2 GiB", "8 x 256 MiB"):
+        trials = results[name]
+        bare, pipe, mine = trials["bare curl"], trials["verified pipeline"], trials[RUNNER]
+        raw = (
+            f"whole process: runner {mine.speed()}; verified pipeline {pipe.speed()}; "
+            f"bare curl {bare.speed()}"
         )
-        figures.append(
-            Figure(
-                "transfer",
-                f"{name}: runner speed / bare curl",
-                bare.wall / mine.wall,
-                "x",
-                ">= 0.6",
-                bare.wall / mine.wall >= 0.6,
-                raw,
+        for label, other, target in (("verified pipeline", pipe, 1.0), ("bare curl", bare, 0.6)):
+            ratio = other.wall / mine.wall
+            figures.append(
+                Figure(
+                    "transfer",
+                    f"{name}: runner speed / {label}",
+                    ratio,
+                    "x",
+                    f">= {target}",
+                    ratio >= target,
+                    raw,
+                )
             )
-        )
-    for name, trials in results.items():
-        pipe, mine, bare = trials["verified pipeline"], trials["runner"], trials["bare curl"]
-
-        def per_gib(t: Trial) -> float:
-            return t.cpu / (t.bytes / GIB)
-
-        ratio = per_gib(mine) / per_gib(pipe)
+    for name in ("1 x 2 GiB", "8 x 256 MiB"):
+        trials = results[name]
+        pipe, mine, bare = trials["verified pipeline"], trials[RUNNER], trials["bare curl"]
+        ratio = mine.cpu_per_gib() / pipe.cpu_per_gib()
         figures.append(
             Figure(
                 "cpu/memory",
@@ -372,38 +472,83 @@ def _figures(results: dict[str, dict[str, Trial]]) -> list[Figure]:
                 "x",
                 "<= 1.2",
                 ratio <= 1.2,
-                f"runner {per_gib(mine):.2f} CPU s/GiB, verified pipeline {per_gib(pipe):.2f}, "
-                f"bare curl {per_gib(bare):.2f}",
+                f"whole process: runner {mine.cpu_per_gib():.2f} CPU s/GiB, verified pipeline "
+                f"{pipe.cpu_per_gib():.2f}, bare curl {bare.cpu_per_gib():.2f}",
             )
         )
-    promised = results["1 x 2 GiB"].get(MD5_RUNNER)
-    if promised is not None:
-        bare = results["1 x 2 GiB"]["bare curl"]
+    big = results["1 x 2 GiB"]
+    for label in (MD5_RUNNER, RUNNER_16):
+        trial = big[label]
         figures.append(
             Figure(
                 "transfer",
-                "1 x 2 GiB, origin promises an MD5: runner speed / bare curl",
-                bare.wall / promised.wall,
+                f"1 x 2 GiB, {label}: speed / bare curl",
+                big["bare curl"].wall / trial.wall,
                 "x",
                 "",
                 None,
-                f"runner {promised.bytes / MIB / promised.wall:,.0f} MiB/s "
-                f"({promised.wall:.2f} s), {promised.cpu / (promised.bytes / GIB):.2f} CPU s/GiB: "
-                "Content-MD5 makes it compute and check an MD5 as well",
+                f"{trial.speed()}, {trial.cpu_per_gib():.2f} CPU s/GiB"
+                + (
+                    ": Content-MD5 makes it compute and check an MD5 too"
+                    if label == MD5_RUNNER
+                    else ""
+                ),
             )
         )
-    peak = max(
-        trial.rss_mib for label, trial in results["1 x 2 GiB"].items() if label.startswith("runner")
-    )
+    capped_name = next(name for name in results if name.startswith("1 x 1 GiB"))
+    capped = results[capped_name]
+    peak = max(big[RUNNER_16].rss_mib, capped[RUNNER_16].rss_mib)
     figures.append(
         Figure(
             "cpu/memory",
-            "peak RSS of the runner downloading 2 GiB",
+            "peak RSS of the runner at --connections 16 (2 GiB uncapped, 1 GiB capped)",
             peak,
             "MiB",
             "<= 100 MiB",
             peak <= 100,
-            "VmHWM of the runner process (interpreter and imports included)",
+            f"VmHWM of the runner process (interpreter and imports included): 2 GiB uncapped "
+            f"{big[RUNNER_16].rss_mib:.0f} MiB, 1 GiB capped (all 16 open) "
+            f"{capped[RUNNER_16].rss_mib:.0f} MiB; default (8) {big[RUNNER].rss_mib:.0f} MiB",
+        )
+    )
+    speeds = "; ".join(f"{label} {trial.speed()}" for label, trial in capped.items())
+    pairs = [(RUNNER, ARIA_8, 0.9), (RUNNER_16, ARIA_16, 0.9)]
+    for mine_label, other_label, target in pairs:
+        if other_label not in capped:
+            figures.append(
+                Figure(
+                    "capped",
+                    f"{capped_name}: {mine_label} / {other_label}",
+                    0,
+                    "",
+                    "",
+                    None,
+                    "SKIPPED: aria2c missing (apt-get install -y aria2)",
+                )
+            )
+            continue
+        ratio = capped[other_label].wall / capped[mine_label].wall
+        figures.append(
+            Figure(
+                "capped",
+                f"{capped_name}: {mine_label} speed / {other_label}",
+                ratio,
+                "x",
+                f">= {target}",
+                ratio >= target,
+                speeds,
+            )
+        )
+    one = capped[RUNNER_1]
+    figures.append(
+        Figure(
+            "capped",
+            f"{capped_name}: {RUNNER_1} speed / bare curl",
+            capped["bare curl"].wall / one.wall,
+            "x",
+            "",
+            None,
+            f"{RUNNER_1} {one.speed()}; bare curl {capped['bare curl'].speed()}",
         )
     )
     return figures

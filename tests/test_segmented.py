@@ -103,9 +103,15 @@ async def fetch(
     segments: SegmentState | None = None,
     read_timeout: float = 5.0,
     retries: int = 3,
+    ramp: bool = False,
 ) -> Transfer:
     downloader = Downloader(
-        session, clock=FakeClock(), retries=retries, read_timeout=read_timeout, rng=random.Random(1)
+        session,
+        clock=FakeClock(),
+        retries=retries,
+        read_timeout=read_timeout,
+        rng=random.Random(1),
+        ramp=ramp,
     )
     return await downloader.transfer(
         url,
@@ -280,6 +286,7 @@ async def test_byte_exact_over_1_4_and_16_connections(
     assert all(a[1] == b[0] for a, b in itertools.pairwise(later))
     assert later[-1][1] == len(data)
     assert len(requests) >= connections  # every connection had a range
+    assert transfer.connections == connections
     assert calls.states[0] == SegmentState(len(data))
     assert calls.states[-1] == SegmentState(len(data), ((0, len(data)),))
     assert calls.bytes == len(data)
@@ -467,6 +474,48 @@ async def test_a_symlink_planted_at_the_part_name_is_replaced_not_followed(
         assert_exact(part, transfer, data)
         part.unlink()
         part.symlink_to(outside)
+
+
+async def test_connections_open_two_first_and_the_rest_when_the_event_loop_has_time(
+    sandbox: Sandbox, session: HttpSession, tmp_path: Path
+) -> None:
+    sandbox.config.storage_rate = 2 * MIB  # capped connections: the event loop idles
+    url = await signed_url(session, sandbox)
+    part = tmp_path / "pkg.zip.part"
+    transfer = await fetch(session, url, part, Calls(), connections=8, ramp=True)
+    assert_exact(part, transfer, package(sandbox))
+    assert transfer.connections == 8
+
+
+async def test_connections_that_are_not_capped_stay_at_two(
+    sandbox: Sandbox, session: HttpSession, tmp_path: Path
+) -> None:
+    sandbox.config.storage_rate = 4 * MIB
+    url = await signed_url(session, sandbox)
+    part = tmp_path / "pkg.zip.part"
+    downloader = Downloader(
+        session,
+        clock=FakeClock(),
+        retries=3,
+        read_timeout=5.0,
+        fast_connection=MIB,  # 4 MiB/s a connection counts as fast here
+    )
+    calls = Calls()
+    transfer = await downloader.transfer(
+        url,
+        part,
+        etag=None,
+        job_key="k" * 64,
+        url_expired=lambda: False,
+        on_attempt=calls.on_attempt,
+        connections=8,
+        segment_min=SEGMENT_MIN,
+        on_segments=calls.on_segments,
+        root=tmp_path,
+    )
+    assert_exact(part, transfer, package(sandbox))
+    assert transfer.connections == 2  # SPEC §4: more than one, always
+    assert downloader.bytes_received >= transfer.size
 
 
 # ------------------------------------------------------------------------------- whole runs (CLI)

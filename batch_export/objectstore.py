@@ -33,6 +33,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -134,6 +135,7 @@ _AUTH_CODES = frozenset(
 #: 4xx codes that mean the bytes went wrong on the way or the store was slow: send again.
 _RETRYABLE_4XX = frozenset({"BadDigest", "InvalidDigest", "RequestTimeout", "IncompleteBody"})
 _T = TypeVar("_T")
+log = logging.getLogger("batch_export")
 
 
 @dataclass(frozen=True, slots=True)
@@ -616,6 +618,15 @@ class S3Store:
         except JobError:
             with contextlib.suppress(JobError):
                 await self._abort(key, upload_id, job_key)
+            raise
+        except asyncio.CancelledError:
+            log.warning(
+                "upload of s3://%s/%s interrupted: the next run resumes it (a bucket lifecycle "
+                "rule AbortIncompleteMultipartUpload removes it if no run comes)",
+                self.url.bucket,
+                key,
+                extra={"event": "upload_interrupted"},
+            )
             raise
         etag = str(completed.get("ETag", ""))
         match = _MULTIPART_ETAG.match(etag)

@@ -20,9 +20,11 @@ from batch_export.errors import (
     StoreAuthError,
     UsageError,
 )
+from batch_export.manifest import ExportSpec
 from batch_export.objectstore import (
     MAX_PARTS,
     ObjectInfo,
+    ObjectUploader,
     S3Store,
     StoreUrl,
     default_state_dir,
@@ -33,6 +35,7 @@ from batch_export.objectstore import (
 )
 from batch_export.redact import Redactor
 from batch_export.retry import RetryPolicy
+from batch_export.types import Job, JobRecord, JobState
 from tests.fakes import FakeClock
 from tests.s3server import (
     ACCESS_KEY,
@@ -257,7 +260,11 @@ async def test_server_errors_spent_abort_the_upload(
 
 
 async def test_interrupted_upload_is_resumed_without_resending_parts(
-    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+    s3_server: SeaweedS3,
+    proxy: S3Proxy,
+    s3_env: dict[str, str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     url = StoreUrl("s3", BUCKET, _prefix())
     key = url.key_for("p.zip")
@@ -280,6 +287,10 @@ async def test_interrupted_upload_is_resumed_without_resending_parts(
     assert s3_server.objects(BUCKET, url.prefix) == {}
     [(left_key, upload_id)] = s3_server.uploads(BUCKET, url.prefix)
     assert left_key == key
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"upload of s3://{BUCKET}/{key} interrupted: the next run resumes it (a bucket lifecycle "
+        "rule AbortIncompleteMultipartUpload removes it if no run comes)"
+    ]
 
     proxy.before = None
     proxy.requests.clear()
@@ -432,3 +443,67 @@ async def test_staged_file_shorter_than_recorded_is_local_io(
             await store.upload(path, "x/p.zip", size=200, sha256=sha)
     assert caught.value.code == "local_io"
     assert proxy.operations() == []
+
+
+def _job(tmp_path: Path, relpath: str, size: int, sha: str) -> Job:
+    spec = ExportSpec("aoi", "ins", (), ("ndvi",), "p", relpath)
+    record = JobRecord(
+        key="k" * 64,
+        aoi_id="aoi",
+        insight_id="ins",
+        name="p",
+        relpath=relpath,
+        state=JobState.UPLOADING,
+        bytes=size,
+        sha256=sha,
+    )
+    return Job(spec=spec, final=tmp_path / relpath, record=record)
+
+
+async def test_uploader_removes_the_staged_file_and_a_crash_after_upload_is_confirmed_by_head(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    staged, sha = _package(tmp_path, 2000)
+    target = tmp_path / "a" / "p.zip"
+    target.parent.mkdir()
+    staged.rename(target)
+    job = _job(tmp_path, "a/p.zip", 2000, sha)
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        uploader = ObjectUploader(store)
+        assert uploader.location("a/p.zip") == f"s3://{BUCKET}/{url.prefix}/a/p.zip"
+        await uploader.upload(job, target)
+        assert not target.exists()
+        assert proxy.operations() == ["PutObject"]
+        # As if the process died after the store confirmed but before `done` was saved.
+        proxy.requests.clear()
+        await uploader.upload(job, target)
+        assert proxy.operations() == ["HeadObject"]
+        # A staged file gone and no object: the job fails, and the next run downloads it again.
+        other = _job(tmp_path, "a/gone.zip", 2000, sha)
+        with pytest.raises(ObjectStoreError) as caught:
+            await uploader.upload(other, tmp_path / "a" / "gone.zip")
+        assert caught.value.code == "staged_missing"
+
+
+async def test_uploader_confirm_asks_nothing_unless_checking_existing(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    path, sha = _package(tmp_path, 1000)
+    present = _job(tmp_path, "a/p.zip", 1000, sha).record
+    changed = JobRecord(**{**_fields(present), "key": "c" * 64, "sha256": "0" * 64})
+    missing = JobRecord(**{**_fields(present), "key": "m" * 64, "relpath": "a/missing.zip"})
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        await store.upload(path, url.key_for("a/p.zip"), size=1000, sha256=sha)
+        proxy.requests.clear()
+        records = [present, changed, missing]
+        assert await ObjectUploader(store).confirm(records) == {r.key for r in records}
+        assert proxy.operations() == []
+        checked = await ObjectUploader(store, check_existing=True).confirm(records)
+        assert checked == {present.key}
+        assert proxy.operations() == ["HeadObject"] * 3
+
+
+def _fields(record: JobRecord) -> dict[str, object]:
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}

@@ -277,3 +277,18 @@ def test_dry_run_names_the_objects_and_sends_nothing(sandbox: Sandbox, tmp_path:
     first = sandbox.catalog.aois[0]
     assert f"-> s3://bucket/plan/{first.id}/{first.insights[0].id}/job00.zip" in result.stdout
     assert sandbox.requests == []
+
+
+def test_manifest_output_dir_may_name_the_bucket(
+    sandbox: Sandbox, s3_server: SeaweedS3, proxy: S3Proxy, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path, sandbox, 2)
+    text = manifest.read_text().replace(
+        "version: 1\n", f"version: 1\noutput: {{dir: 's3://{BUCKET}/nightly+1/x'}}\n"
+    )
+    manifest.write_text(text)
+    result = run(manifest, sandbox, proxy.url)
+    assert result.returncode == 0, result.stderr
+    assert len(s3_server.objects(BUCKET, "nightly+1/x/")) == 2
+    # The state dir beside the manifest, each prefix segment a sanitised folder name.
+    assert set(db_states(state_dir(manifest, "nightly_1/x")).values()) == {"done"}

@@ -315,7 +315,8 @@ def _log_summary(result: RunResult, exit_code: int, report_path: Path) -> None:
     summary = (
         f"summary: {len(result.jobs)} job(s): {counts['downloaded']} downloaded, "
         f"{counts['skipped']} skipped, {counts['failed']} failed, "
-        f"{counts['pending']} pending in {result.wall_seconds:.1f} s; "
+        f"{counts['pending']} pending, {counts['abandoned']} abandoned in "
+        f"{result.wall_seconds:.1f} s; "
         f"{result.api_requests} API request(s) ({result.throttled} throttled), "
         f"{result.storage_requests} storage request(s); exit {exit_code}; report {report_path}"
     )

@@ -191,6 +191,11 @@ def _load(path: Path) -> Manifest:
     is_flag=True,
     help="Allow plain-http API and signed URLs on non-loopback hosts (loopback is always allowed).",
 )
+@click.option(
+    "--retry-abandoned",
+    is_flag=True,
+    help="Request abandoned jobs again (they failed with one permanent error in give_up_after runs).",
+)
 def run(
     manifest: Path,
     api_url: str | None,
@@ -214,6 +219,7 @@ def run(
     verbose: bool,
     progress_interval: float,
     allow_http: bool,
+    retry_abandoned: bool,
 ) -> None:
     """Export every package the MANIFEST lists.
 
@@ -250,6 +256,7 @@ def run(
         progress=progress,
         verbosity=-1 if quiet else 1 if verbose else 0,
         allow_http=allow_http,
+        retry_abandoned=retry_abandoned,
         progress_interval=progress_interval,
     )
     sys.exit(_execute(loaded, options, relay))

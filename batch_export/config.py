@@ -68,6 +68,7 @@ class RunOptions:
     out_url: str | None = None  # --out s3://bucket/prefix (then ``out`` is None)
     staging_dir: Path | None = None  # object-store output: where packages are verified first
     check_existing: bool = False  # HEAD done objects (object store) before skipping them
+    retry_abandoned: bool = False  # request abandoned jobs again
 
 
 def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
@@ -116,6 +117,8 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
         segment_min=int(pick(options.segment_min, limits.segment_min, defaults.segment_min)),
         out_url=out_url,
         check_existing=options.check_existing,
+        give_up_after=int(pick(None, limits.give_up_after, defaults.give_up_after)),
+        retry_abandoned=options.retry_abandoned,
     )
     if settings.poll_max_interval < settings.poll_interval:
         settings = replace(settings, poll_max_interval=settings.poll_interval)

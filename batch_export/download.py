@@ -46,6 +46,7 @@ from batch_export.errors import (
     VerificationError,
 )
 from batch_export.http import HttpSession, describe_failure
+from batch_export.partlock import lock_part
 from batch_export.redact import redact_patterns
 from batch_export.retry import RetryPolicy
 from batch_export.safepath import PathProblem, open_dir, open_file, replace_in, unlink_in
@@ -917,13 +918,26 @@ def _local_io_error(exc: OSError, job_key: str) -> LocalIOError:
 def _open_part(part: Path, root: Path | None, *, keep: bool) -> tuple[int, bool]:
     """Open ``part`` read-write, never through a symlink (see :mod:`batch_export.safepath`).
 
-    Returns ``(fd, kept)``: ``kept`` says whether its earlier bytes were kept.
+    Returns ``(fd, kept)``: ``kept`` says whether its earlier bytes were kept. The ``.part`` is
+    locked (:func:`batch_export.partlock.lock_part`) before a byte of it changes.
+
+    Raises:
+        PartBusy: another process holds its lock.
     """
     dir_fd = open_dir(part.parent, root)
     try:
-        return open_file(dir_fd, part.name, keep=keep)
+        fd, kept = open_file(dir_fd, part.name, keep=True)  # emptied below, once it is ours
     finally:
         os.close(dir_fd)
+    try:
+        lock_part(fd, part)  # held until fd is closed (SPEC §9: one writer per .part)
+        if not keep and kept:
+            os.ftruncate(fd, 0)
+            kept = False
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, kept
 
 
 def _read_part(part: Path) -> BinaryIO:

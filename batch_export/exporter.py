@@ -69,6 +69,7 @@ async def export_async(
     progress_interval: float | str = 60.0,
     staging_dir: PathArg | None = None,
     check_existing: bool = False,
+    retry_abandoned: bool = False,
 ) -> ExportResult:
     """Export every package ``manifest`` lists; return the run's facts (inside a running loop).
 
@@ -99,6 +100,7 @@ async def export_async(
         staging_dir: with an ``s3://`` ``out``: the local folder where packages are verified
             before the upload [default: ``<state_dir>/staging``].
         check_existing: also confirm done objects still exist (HEAD: size and ``sha256``).
+        retry_abandoned: request abandoned jobs again (they are not, by default).
 
     Returns:
         The :class:`~batch_export.types.ExportResult` (``exit_code``, ``counts``, ``jobs``, …).
@@ -131,6 +133,7 @@ async def export_async(
         api_key=api_key,
         progress=progress,
         progress_interval=_duration(progress_interval, "progress_interval") or 0.0,
+        retry_abandoned=retry_abandoned,
     )
     if isinstance(manifest, Manifest):
         loaded = manifest

@@ -65,6 +65,7 @@ from urllib.parse import parse_qsl, urlsplit
 from batch_export.errors import IllegalTransition
 from batch_export.types import (
     DEFAULT_FAILED_STATUSES,
+    DEFAULT_GIVE_UP_AFTER,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_POLL_MAX_INTERVAL,
     DEFAULT_POLL_TIMEOUT,
@@ -90,6 +91,7 @@ __all__ = [
     "MAX_LOCAL_RETRIES",
     "MAX_URL_REFRESHES",
     "MAX_VERIFY_FAILURES",
+    "PERMANENT_CODES",
     "RECOVERY",
     "TRANSIENT_LOCAL_CODES",
     "TRANSITIONS",
@@ -134,6 +136,7 @@ __all__ = [
     "Wait",
     "advance",
     "backoff_delay",
+    "is_permanent",
     "is_url_expired",
     "job_key",
     "next_poll_interval",
@@ -208,6 +211,9 @@ class Rules:
         vocabulary: which statuses mean ready and failed.
         allow_http: allow plain-http signed URLs on non-loopback hosts.
         object_store: the output is an object store: a verified package is uploaded (SPEC §8).
+        give_up_after: consecutive runs failing with the same code no retry can fix before the job
+            is abandoned (SPEC §9); 0: never.
+        retry_abandoned: request abandoned jobs again (``--retry-abandoned``).
         rng: the source of poll-interval jitter (the only impurity; seed it in tests).
     """
 
@@ -217,6 +223,8 @@ class Rules:
     vocabulary: StatusVocabulary = field(default_factory=StatusVocabulary)
     allow_http: bool = False
     object_store: bool = False
+    give_up_after: int = DEFAULT_GIVE_UP_AFTER
+    retry_abandoned: bool = False
     rng: random.Random = field(default_factory=random.Random)
 
 
@@ -536,18 +544,52 @@ def _move(value: JobValue, to: JobState, **changes: object) -> JobValue:
     return replace(value, record=value.record.evolve(state=to, **changes))
 
 
-def _fail(value: JobValue, problem: Problem, *actions: Action) -> Step:
-    """Fail the job with ``problem``; ``actions`` come before :class:`Finish`."""
+def _fail(value: JobValue, problem: Problem, *actions: Action, give_up_after: int = 0) -> Step:
+    """Fail the job with ``problem``; ``actions`` come before :class:`Finish`.
+
+    ``give_up_after`` > 0: ``problem`` is one no retry can fix (:func:`is_permanent`); the job
+    counts the consecutive runs failing with its code and is abandoned at the ``give_up_after``-th
+    (SPEC §9). A failure of another kind resets the count.
+    """
     if value.state in (_S.QUEUED, _S.READY):  # no direct edge: through requesting, as a PUT would
         value = _start_cycle_state(value)
+    runs = 0
+    if give_up_after > 0:
+        record = value.record  # its error is the last run's, if it failed then
+        same = record.failure_runs > 0 and record.error_code == problem.code
+        runs = record.failure_runs + 1 if same else 1
     failed = _move(
         value,
         _S.FAILED,
         error_code=problem.code,
         error_message=problem.message,
         error_http_status=problem.http_status,
+        failure_runs=runs,
     )
+    if give_up_after > 0 and runs >= give_up_after:
+        return _move(failed, _S.ABANDONED), (*actions, Finish(Outcome.ABANDONED))
     return failed, (*actions, *_FAILED_JOB)
+
+
+#: Codes no retry can fix, besides the API's own 4xx answers (SPEC §7, §9).
+PERMANENT_CODES: Final = frozenset({"no_listed_assets", "path_clash"})
+
+
+def is_permanent(problem: Problem, *, from_api: bool) -> bool:
+    """Whether ``problem`` is one no retry can fix: a 400-class API answer, or a permanent code.
+
+    ``from_api``: the problem is the API's answer to the PUT (an unknown asset, a 403 permission);
+    408 and 429 are flow control, not answers about the job.
+    """
+    if problem.code in PERMANENT_CODES:
+        return True
+    status = problem.http_status
+    return from_api and status is not None and 400 <= status < 500 and status not in (408, 429)
+
+
+def _give_up(problem: Problem, rules: Rules, *, from_api: bool) -> int:
+    """``rules.give_up_after`` when ``problem`` counts toward abandoning the job, else 0."""
+    return rules.give_up_after if is_permanent(problem, from_api=from_api) else 0
 
 
 def _start_cycle_state(value: JobValue) -> JobValue:
@@ -575,6 +617,8 @@ def step(value: JobValue, event: Event, rules: Rules) -> Step:
         case Loaded(file_intact=intact, force=force):
             if state is _S.DONE and intact and not force:
                 return value, (Skip(),)
+            if state is _S.ABANDONED and not rules.retry_abandoned:
+                return value, (Finish(Outcome.ABANDONED),)
             if state in (_S.FAILED, _S.DONE, _S.ABANDONED):
                 return _move(value, _S.QUEUED), ()
             if state in RECOVERY:
@@ -604,7 +648,7 @@ def step(value: JobValue, event: Event, rules: Rules) -> Step:
                 return _answered(value, event, rules)
         case RequestFailed(problem=problem):
             if state in (_S.REQUESTING, _S.PREPARING):
-                return _fail(value, problem)
+                return _fail(value, problem, give_up_after=_give_up(problem, rules, from_api=True))
         case PollDeadline():
             if state is _S.PREPARING:
                 return _fail(
@@ -680,7 +724,7 @@ def step(value: JobValue, event: Event, rules: Rules) -> Step:
                     ),
                 )
                 return kept, _FAILED_JOB
-            return _fail(value, problem)
+            return _fail(value, problem, give_up_after=_give_up(problem, rules, from_api=False))
     raise _unexpected(value, event)
 
 
@@ -771,6 +815,7 @@ def _done(value: JobValue, *, size: int | None, sha256: str | None) -> Step:
         error_code=None,
         error_message=None,
         error_http_status=None,
+        failure_runs=0,
     )
     return done, (Finish(Outcome.DOWNLOADED),)
 

@@ -6,7 +6,7 @@ JSON lines (``--log-format json``) are one object per line with these stable fie
     level       "debug" | "info" | "warning" | "error"
     event       what happened: job_state, job_downloaded, job_skipped, job_failed, job_pending,
                 verify_retry, run_started, run_stopping, run_summary, run_error, manifest_warning,
-                progress, breaker_open, log
+                progress, breaker_open, job_abandoned, part_busy, log
     message     the human-readable text (the same as the text format's)
     run_id      the run's id
     key, aoi_id, insight_id, job_name, state, attempt, bytes, path, error_code, http_status

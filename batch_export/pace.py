@@ -132,10 +132,12 @@ class Tally:
         self._note_size(job)
 
     def job_finished(self, result: JobResult) -> None:
-        """A skipped job counts as done; the others already reported their state."""
+        """A skipped job counts as done, an abandoned one as abandoned; the others told their state."""
         pace = self._jobs.setdefault(result.key, _JobPace())
         if result.outcome is Outcome.SKIPPED:
             self._set_state(pace, JobState.DONE)
+        elif result.outcome is Outcome.ABANDONED:
+            self._set_state(pace, JobState.ABANDONED)
         elif result.outcome is Outcome.DOWNLOADED and result.bytes is not None:
             if result.key not in self._sized:
                 self._sized.add(result.key)

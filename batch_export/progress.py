@@ -50,7 +50,7 @@ def job_fields(result: JobResult) -> dict[str, Any]:
         "bytes": result.bytes,
         "path": result.path,
     }
-    if result.outcome is Outcome.FAILED:
+    if result.outcome in (Outcome.FAILED, Outcome.ABANDONED):
         fields["error_code"] = result.error_code
         fields["http_status"] = result.error_http_status
     return fields
@@ -125,6 +125,19 @@ class LogObserver:
                 result.path,
                 result.bytes,
                 extra={"event": "job_downloaded", **fields},
+            )
+        elif result.outcome is Outcome.ABANDONED:
+            status = f" HTTP {result.error_http_status}" if result.error_http_status else ""
+            # A warning in the run that gives up on it (cron mails it once), info afterwards.
+            log.log(
+                logging.WARNING if result.abandoned_now else logging.INFO,
+                "abandoned   %s: %s%s: %s (the same error in limits.give_up_after runs in a row; "
+                "not requested again until its entry changes or --retry-abandoned)",
+                ident,
+                result.error_code,
+                status,
+                result.error_message,
+                extra={"event": "job_abandoned", **fields},
             )
         elif result.outcome is Outcome.SKIPPED:
             log.info(

@@ -28,7 +28,7 @@ def new_run_id(now: float | None = None) -> str:
 
 
 def outcome_counts(result: RunResult | None) -> dict[str, int]:
-    """Return ``{"total": n, "downloaded": …, "skipped": …, "failed": …, "pending": …}``."""
+    """Return ``{"total": n, "downloaded": …, "skipped": …, "failed": …, "pending": …, "abandoned": …}``."""
     jobs = result.jobs if result else ()
     counts = {"total": len(jobs)} | {str(outcome): 0 for outcome in Outcome}
     for job in jobs:
@@ -89,7 +89,7 @@ def _job_entry(job: JobResult) -> dict[str, Any]:
     }
     entry["error"] = (
         {"code": job.error_code, "message": job.error_message, "http_status": job.error_http_status}
-        if job.outcome is Outcome.FAILED
+        if job.outcome in (Outcome.FAILED, Outcome.ABANDONED)  # the last error of both
         else None
     )
     return entry

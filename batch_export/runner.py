@@ -92,6 +92,7 @@ from batch_export.lifecycle import (
     url_expiry,
 )
 from batch_export.manifest import ExportSpec
+from batch_export.partlock import PartBusy
 from batch_export.ratelimit import RateLimiter
 from batch_export.redact import Redactor
 from batch_export.segments import SegmentState
@@ -251,8 +252,11 @@ class Runner:
             vocabulary=settings.vocabulary,
             allow_http=settings.allow_http,
             object_store=uploader is not None,
+            give_up_after=settings.give_up_after,
+            retry_abandoned=settings.retry_abandoned,
             rng=self._rng,
         )
+        self._abandoned_before: set[str] = set()  # keys abandoned when the run started
         self._breaker = Breaker()
         self._held: dict[str, _Held] = {}  # jobs whose outcome waits for the breaker's verdict
         self._limiter = _GatedLimiter(settings.rate, clock=self._clock, breaker=self._breaker)
@@ -351,7 +355,7 @@ class Runner:
         with self._jobs_scope:
             async with anyio.create_task_group() as tg:
                 for job in self.jobs:
-                    if job.outcome in (Outcome.SKIPPED, Outcome.FAILED):
+                    if job.outcome in (Outcome.SKIPPED, Outcome.FAILED, Outcome.ABANDONED):
                         continue
                     await admission.acquire()
                     tg.start_soon(self._run_job, job, admission)
@@ -416,6 +420,10 @@ class Runner:
             self._values[key] = value
             if Skip() in actions:
                 job.outcome = Outcome.SKIPPED
+                self._observer.job_finished(self._result(job))
+            elif Finish(Outcome.ABANDONED) in actions:  # given up on in an earlier run
+                job.outcome = Outcome.ABANDONED
+                self._abandoned_before.add(key)
                 self._observer.job_finished(self._result(job))
             elif index in self._preset:  # discovered, but cannot run (no_listed_assets, path_clash)
                 await self._abort(job, self._preset[index])
@@ -607,6 +615,16 @@ class Runner:
                 on_segments=on_segments,
                 root=self.settings.out_dir,
             )
+        except PartBusy as exc:  # another process writes this .part: not this job's failure
+            log.warning(
+                "pending     %s/%s (%s): %s",
+                job.spec.aoi_id,
+                job.spec.insight_id,
+                job.spec.name,
+                self._redact(exc.message),
+                extra={"event": "part_busy", "key": job.key, "error_code": exc.code},
+            )
+            raise _Stop() from None
         except UrlRejected as exc:
             return StorageRefused(self._problem(exc))
         except LocalIOError as exc:
@@ -767,17 +785,24 @@ class Runner:
         return Problem(exc.code, self._redact(exc.message), exc.http_status)
 
     async def _abort(self, job: Job, problem: Problem) -> None:
-        """Fail ``job`` with an error that has no row of its own; a store failure is logged."""
+        """Fail ``job`` with an error that has no row of its own; a store failure is logged.
+
+        The machine may abandon it instead (a code no retry can fix, ``give_up_after`` runs).
+        """
         job.outcome = Outcome.FAILED
         try:
-            await self._step(job, Aborted(problem))
+            actions = await self._step(job, Aborted(problem))
+            job.outcome = next(
+                (action.outcome for action in actions if isinstance(action, Finish)),
+                Outcome.FAILED,
+            )
         except JobError as store_error:  # the state store itself failed: stop, don't crash
             log.error("job %s: cannot record its failure: %s", job.key[:12], store_error.message)
             self._store_failed(job, store_error)
 
     def _result(self, job: Job) -> JobResult:
         record = job.record
-        failed = job.outcome is Outcome.FAILED
+        failed = job.outcome in (Outcome.FAILED, Outcome.ABANDONED)  # both with their last error
         return JobResult(
             key=record.key,
             aoi_id=record.aoi_id,
@@ -794,6 +819,8 @@ class Runner:
             error_message=record.error_message if failed else None,
             error_http_status=record.error_http_status if failed else None,
             source=job.source,
+            abandoned_now=job.outcome is Outcome.ABANDONED
+            and job.key not in self._abandoned_before,
         )
 
 

@@ -228,6 +228,10 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         ) WITHOUT ROWID
         """,
     ),
+    (
+        # Abandoned jobs (SPEC §9): consecutive runs failing with the same permanent code.
+        "ALTER TABLE jobs ADD COLUMN failure_runs INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 #: The schema version this code writes (``PRAGMA user_version``).
 SCHEMA_VERSION: Final = len(_MIGRATIONS)

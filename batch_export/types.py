@@ -191,6 +191,9 @@ class JobRecord:
         bytes: size of the finished file (bytes), once done.
         sha256: hex digest of the finished file, once done.
         error_code, error_message, error_http_status: why it last failed.
+        failure_runs: consecutive runs that failed it with ``error_code``, a code no retry can fix
+            (0: its last failure, if any, was of another kind); at ``give_up_after`` it is
+            abandoned (SPEC §9).
     """
 
     key: str
@@ -207,6 +210,7 @@ class JobRecord:
     error_code: str | None = None
     error_message: str | None = None
     error_http_status: int | None = None
+    failure_runs: int = 0
 
     def evolve(self, **changes: object) -> JobRecord:
         """Return a copy with ``changes`` applied."""
@@ -297,6 +301,9 @@ class Settings:
         out_url: the object-store output (``s3://bucket/prefix``), or None for a folder; with one,
             ``out_dir`` is the local staging dir where packages are verified before the upload.
         check_existing: ``--check-existing``: HEAD done objects before skipping them.
+        give_up_after: consecutive runs failing with the same code no retry can fix before a job
+            is abandoned (``limits.give_up_after``; SPEC §9).
+        retry_abandoned: request abandoned jobs again (``--retry-abandoned``).
     """
 
     api_url: str
@@ -319,6 +326,8 @@ class Settings:
     backoff_cap: float = DEFAULT_BACKOFF_CAP
     out_url: str | None = None
     check_existing: bool = False
+    give_up_after: int = DEFAULT_GIVE_UP_AFTER
+    retry_abandoned: bool = False
 
 
 class Outcome(enum.StrEnum):
@@ -328,6 +337,7 @@ class Outcome(enum.StrEnum):
     SKIPPED = "skipped"
     FAILED = "failed"
     PENDING = "pending"
+    ABANDONED = "abandoned"  #: given up on (SPEC §9): not requested until its entry changes
 
 
 @dataclass(slots=True)
@@ -380,6 +390,7 @@ class JobResult:
     error_message: str | None = None
     error_http_status: int | None = None
     source: str = ""
+    abandoned_now: bool = False  # abandoned in this run (not already at its start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,14 +478,14 @@ class RunResult:
         """The exit code (SPEC §2).
 
         130/143/129 on a signal, 3 when stopped by the time budget with jobs left, 1 when a job
-        failed (or was left pending), 0 when every job is done.
+        failed (or was left pending), 0 when every job is done or abandoned (SPEC §9).
         """
         pending = any(job.outcome is Outcome.PENDING for job in self.jobs)
         if self.stopped_by in STOP_EXIT_CODES:
             return int(STOP_EXIT_CODES[self.stopped_by])
         if self.stopped_by == "max_runtime" and pending:
             return int(ExitCode.MAX_RUNTIME)
-        ok = {Outcome.DOWNLOADED, Outcome.SKIPPED}
+        ok = {Outcome.DOWNLOADED, Outcome.SKIPPED, Outcome.ABANDONED}
         listed = all(entry.error is None for entry in self.discovery)
         if self.fatal is None and listed and all(job.outcome in ok for job in self.jobs):
             return int(ExitCode.OK)

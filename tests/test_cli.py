@@ -85,7 +85,14 @@ def test_run_exit_0_then_report_and_files(sandbox: Sandbox, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(report.read_text())
     assert doc["exit_code"] == 0
-    assert doc["counts"] == {"total": 2, "downloaded": 2, "skipped": 0, "failed": 0, "pending": 0}
+    assert doc["counts"] == {
+        "total": 2,
+        "downloaded": 2,
+        "skipped": 0,
+        "failed": 0,
+        "pending": 0,
+        "abandoned": 0,
+    }
     for job in doc["jobs"]:
         path = Path(job["path"])
         assert path.is_relative_to(tmp_path / "exports")  # exports/ beside the manifest

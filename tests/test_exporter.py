@@ -83,7 +83,9 @@ def test_readme_example_runs_in_a_worker_thread_as_airflow_would(
     worker = threading.Thread(target=lambda: returned.append(namespace["nightly_export"]()))
     worker.start()
     worker.join(timeout=120)
-    assert returned == [{"total": 2, "downloaded": 2, "skipped": 0, "failed": 0, "pending": 0}]
+    assert returned == [
+        {"total": 2, "downloaded": 2, "skipped": 0, "failed": 0, "pending": 0, "abandoned": 0}
+    ]
     reports = list((workdir / "exports" / ".batch-export" / "reports").glob("*.json"))
     assert len(reports) == 1
     assert_packages_served(sandbox, tuple(json.loads(reports[0].read_text())["jobs"]))

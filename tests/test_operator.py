@@ -103,6 +103,7 @@ def test_json_log_lines_parse_and_carry_the_fields(sandbox: Sandbox, tmp_path: P
         "skipped": 0,
         "failed": 1,
         "pending": 0,
+        "abandoned": 0,
     }
     assert summary[0]["exit_code"] == 1
     assert KEY not in proc.stderr

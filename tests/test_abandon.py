@@ -127,8 +127,11 @@ def sandbox() -> Iterator[Sandbox]:
 def nightly(manifest: Path, sandbox: Sandbox, *args: str) -> tuple[int, str, dict[str, object]]:
     report = manifest.parent / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "batch_export", "run", str(manifest), "--api-url"]
-        + [sandbox.api_url, "--report", str(report), "--progress-interval", "0", *args],
+        [
+            *(sys.executable, "-m", "batch_export", "run", str(manifest)),
+            *("--api-url", sandbox.api_url, "--report", str(report), "--progress-interval", "0"),
+            *args,
+        ],
         capture_output=True,
         text=True,
         env=clean_env(PIXXEL_API_KEY=KEY),

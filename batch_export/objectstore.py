@@ -65,6 +65,7 @@ from batch_export.errors import (
     StoreNotFound,
     UsageError,
 )
+from batch_export.http import ProxyRules
 from batch_export.redact import Redactor
 from batch_export.retry import RetryPolicy
 from batch_export.types import Job, JobRecord
@@ -91,6 +92,7 @@ __all__ = [
     "open_output",
     "parse_store_url",
     "part_size_for",
+    "store_proxies",
     "store_secrets",
 ]
 
@@ -271,6 +273,23 @@ async def open_output(
         yield ObjectUploader(store, check_existing=check_existing)
 
 
+def store_proxies(endpoint_url: str | None, region: str | None) -> dict[str, str]:
+    """Return botocore's ``proxies`` for the store: ``{scheme: proxy URL}``, or ``{}`` for none.
+
+    Judged by :class:`~batch_export.http.ProxyRules` (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``,
+    ``NO_PROXY``, loopback never) on the endpoint, or on ``https://s3.<region>.amazonaws.com``.
+    An empty mapping keeps botocore from reading the variables itself.
+
+    Raises:
+        UsageError: a proxy variable is not a usable URL.
+    """
+    target = endpoint_url or f"https://s3.{region or 'us-east-1'}.amazonaws.com"
+    proxy = ProxyRules.from_env().proxy_for(target)
+    if proxy is None:
+        return {}
+    return {urlsplit(target).scheme: str(proxy.url)}
+
+
 def store_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     """Return the credential values in ``environ`` (default: the process's) to redact."""
     env = os.environ if environ is None else environ
@@ -417,6 +436,11 @@ class S3Store:
             read_timeout=read_timeout,
             # S3-compatible stores (SeaweedFS, MinIO, Ceph) answer path-style requests everywhere.
             s3={"addressing_style": "path"} if endpoint_url else None,
+            # The project's proxy rules, not botocore's own reading of the variables: loopback
+            # is never proxied and NO_PROXY is judged alike for the API, storage and the store.
+            proxies=store_proxies(
+                endpoint_url, env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+            ),
             user_agent_extra="batch-export",
         )
         try:

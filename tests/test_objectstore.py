@@ -31,6 +31,7 @@ from batch_export.objectstore import (
     multipart_etag,
     parse_store_url,
     part_size_for,
+    store_proxies,
     store_secrets,
 )
 from batch_export.redact import Redactor
@@ -507,3 +508,49 @@ async def test_uploader_confirm_asks_nothing_unless_checking_existing(
 
 def _fields(record: JobRecord) -> dict[str, object]:
     return {name: getattr(record, name) for name in record.__dataclass_fields__}
+
+
+def test_store_proxies_follow_the_project_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert store_proxies("https://minio.corp:9000", None) == {}
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:pw@proxy.corp:3128")
+    assert store_proxies("https://minio.corp:9000", None) == {
+        "https": "http://user:pw@proxy.corp:3128"
+    }
+    assert store_proxies(None, "eu-west-1") == {"https": "http://user:pw@proxy.corp:3128"}
+    assert store_proxies("https://127.0.0.1:9000", None) == {}  # loopback: never proxied
+    assert store_proxies("http://minio.corp:9000", None) == {}  # no HTTP_PROXY for http
+    monkeypatch.setenv("NO_PROXY", "minio.corp")
+    assert store_proxies("https://minio.corp:9000", None) == {}
+
+
+async def test_a_proxy_in_the_environment_never_carries_loopback_store_traffic(
+    s3_server: SeaweedS3,
+    proxy: S3Proxy,
+    s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
+    url = StoreUrl("s3", BUCKET, _prefix())
+    path, sha = _package(tmp_path, 1000)
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        await store.check()
+        await store.upload(path, url.key_for("p.zip"), size=1000, sha256=sha)
+    assert proxy.operations() == ["HeadBucket", "PutObject"]

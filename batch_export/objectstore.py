@@ -717,7 +717,18 @@ class S3Store:
 
         Returns ``(upload_id, {part number: md5})`` of the upload to resume, or ``(None, {})``.
         """
-        uploads = await self._uploads_of(key, job_key)
+        try:
+            uploads = await self._uploads_of(key, job_key)
+        except StoreAuthError:
+            # No s3:ListBucketMultipartUploads: nothing to resume is known; a fresh upload it is
+            # (a refusal of the credentials themselves shows again at CreateMultipartUpload).
+            log.warning(
+                "cannot list the unfinished uploads of s3://%s/%s (permission): starting afresh",
+                self.url.bucket,
+                key,
+                extra={"event": "upload_list_refused"},
+            )
+            return None, {}
         chosen: tuple[str | None, dict[int, bytes]] = (None, {})
         by_number = {part.number: part for part in parts}
         for upload_id in reversed(uploads):  # the newest first

@@ -554,3 +554,18 @@ async def test_a_proxy_in_the_environment_never_carries_loopback_store_traffic(
         await store.check()
         await store.upload(path, url.key_for("p.zip"), size=1000, sha256=sha)
     assert proxy.operations() == ["HeadBucket", "PutObject"]
+
+
+async def test_no_permission_to_list_uploads_means_a_fresh_multipart_upload(
+    s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = StoreUrl("s3", BUCKET, _prefix())
+    size = PART + 9
+    path, sha = _package(tmp_path, size)
+    proxy.answer = lambda seen: 403 if seen.operation == "ListMultipartUploads" else None
+    async with S3Store.connect(url, retry=_policy(), part_size=PART) as store:
+        result = await store.upload(path, url.key_for("p.zip"), size=size, sha256=sha)
+    assert result.resumed is False
+    assert proxy.operations()[:2] == ["ListMultipartUploads", "CreateMultipartUpload"]
+    data, metadata = s3_server.get(url.key_for("p.zip"))
+    assert hashlib.sha256(data).hexdigest() == sha == metadata["sha256"]

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -34,7 +35,6 @@ from batch_export.lifecycle import job_key, shard_of
 from batch_export.lock import StateLock
 from batch_export.manifest import ExportSpec, Manifest
 from batch_export.metrics import write_metrics
-from batch_export.objectstore import ObjectUploader, open_output
 from batch_export.pace import Tally
 from batch_export.plan import plan_lines
 from batch_export.progress import FanOut, LogObserver, ProgressDisplay, ProgressLog
@@ -52,6 +52,9 @@ from batch_export.types import (
     RunResult,
     Settings,
 )
+
+if TYPE_CHECKING:
+    from batch_export.objectstore import ObjectUploader
 
 __all__ = ["run_export"]
 
@@ -106,6 +109,9 @@ async def run_export(
     for option, path in files.items():
         check_writable(option, path)
     redactor.add(api_key)
+    reports = settings.state_dir / REPORTS_DIR
+    if reports.is_symlink() or (reports.exists() and not reports.is_dir()):
+        raise UsageError(f"{reports} is not a folder of the state dir (a symlink?); remove it")
     async with _object_output(settings, redactor) as uploader:  # checks the store (SPEC §8)
         with StateLock(settings.state_dir):
             async with _open_store(settings) as store:
@@ -122,6 +128,8 @@ async def _object_output(
     if settings.out_url is None:
         yield None
         return
+    from batch_export.objectstore import open_output  # botocore: loaded for s3:// outputs only
+
     async with open_output(
         settings.out_url,
         redactor=redactor,

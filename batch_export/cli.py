@@ -17,11 +17,10 @@ import click
 
 from batch_export import __version__
 from batch_export.app import run_export
-from batch_export.config import RunOptions, parse_shard
+from batch_export.config import RunOptions, parse_output_url, parse_shard
 from batch_export.errors import BatchExportError, LockHeldError, ManifestError
 from batch_export.logs import configure_logging
 from batch_export.manifest import DiscoverSelector, ExportSpec, Manifest, load_manifest
-from batch_export.objectstore import parse_store_url
 from batch_export.plan import plan_lines
 from batch_export.redact import Redactor
 from batch_export.report import new_run_id
@@ -453,7 +452,7 @@ def _out(text: str | None) -> tuple[Path | None, str | None]:
     if text is None:
         return None, None
     try:
-        url = parse_store_url(text)
+        url = parse_output_url(text)
     except BatchExportError as exc:
         raise click.UsageError(exc.message) from None
     return (None, str(url)) if url is not None else (Path(text), None)

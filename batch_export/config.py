@@ -11,11 +11,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from batch_export.errors import UsageError
 from batch_export.lifecycle import job_key, shard_of
 from batch_export.manifest import ExportSpec, Manifest
-from batch_export.objectstore import object_output_dirs, parse_store_url
 from batch_export.types import (
     DEFAULT_API_URL,
     DEFAULT_KEY_ENV,
@@ -27,11 +27,15 @@ from batch_export.types import (
 )
 from batch_export.urls import url_refusal
 
+if TYPE_CHECKING:
+    from batch_export.objectstore import StoreUrl
+
 __all__ = [
     "RunOptions",
     "check_writable",
     "chosen_out_url",
     "output_file_clash",
+    "parse_output_url",
     "parse_shard",
     "resolve_api_key",
     "resolve_dirs",
@@ -145,8 +149,24 @@ def chosen_out_url(manifest: Manifest, *, out: Path | None, out_url: str | None)
     text = out_url if out_url is not None else None if out is not None else manifest.out_url
     if text is None:
         return None
-    url = parse_store_url(text)
+    url = parse_output_url(text)
     return str(url) if url is not None else None
+
+
+def parse_output_url(text: str) -> StoreUrl | None:
+    """Parse an output URL (:func:`batch_export.objectstore.parse_store_url`); None for a folder.
+
+    The object-store client (botocore) is loaded only for a URL: a folder output starts ~0.3 s
+    faster.
+
+    Raises:
+        UsageError: a URL this build cannot write, or a malformed one.
+    """
+    if "://" not in text:
+        return None
+    from batch_export.objectstore import parse_store_url
+
+    return parse_store_url(text)
 
 
 def resolve_dirs(
@@ -170,7 +190,9 @@ def resolve_dirs(
     """
     url_text = chosen_out_url(manifest, out=out, out_url=out_url)
     if url_text is not None:
-        url = parse_store_url(url_text)
+        from batch_export.objectstore import object_output_dirs
+
+        url = parse_output_url(url_text)
         assert url is not None
         return object_output_dirs(
             url, manifest_path=manifest.path, state_dir=state_dir, staging_dir=staging_dir

@@ -31,10 +31,9 @@ import anyio
 from anyio.from_thread import start_blocking_portal
 
 from batch_export.app import run_export
-from batch_export.config import RunOptions, parse_shard
+from batch_export.config import RunOptions, parse_output_url, parse_shard
 from batch_export.errors import UsageError
 from batch_export.manifest import Manifest, load_manifest
-from batch_export.objectstore import parse_store_url
 from batch_export.redact import RedactingFilter, Redactor
 from batch_export.report import new_run_id
 from batch_export.stop import StopController
@@ -110,7 +109,7 @@ async def export_async(
         UsageError: an option value or the settings are unusable; nothing was requested.
         LockHeldError: another run holds the state dir.
     """
-    out_url = parse_store_url(os.fspath(out)) if out is not None else None
+    out_url = parse_output_url(os.fspath(out)) if out is not None else None
     options = RunOptions(
         api_url=api_url,
         out=None if out_url is not None else _path(out),

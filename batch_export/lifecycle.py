@@ -6,9 +6,10 @@ is free, …) and :func:`step` returns the job's next value and the *actions* to
 
     step(JobValue, Event, Rules) -> (JobValue', tuple[Action, ...])
 
-Every rule of SPEC §4 is one row of :func:`step`; the counters the rules need (empty-URL answers,
-URL refreshes, verification failures, the poll interval, the time used of ``poll_timeout``) live in
-the :class:`JobValue`, next to the durable :class:`~batch_export.types.JobRecord` the runner saves.
+Every rule of SPEC §4 is a row of :data:`ROWS`, which :func:`step` looks up; the counters the rules
+need (empty-URL answers, URL refreshes, verification failures, local retries, the poll interval, the
+time used of ``poll_timeout``) live in the :class:`JobValue`, next to the durable
+:class:`~batch_export.types.JobRecord` the runner saves.
 
 Events (what happened) and the actions a row answers with:
 
@@ -56,7 +57,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
@@ -93,6 +94,7 @@ __all__ = [
     "MAX_VERIFY_FAILURES",
     "PERMANENT_CODES",
     "RECOVERY",
+    "ROWS",
     "TRANSIENT_LOCAL_CODES",
     "TRANSITIONS",
     "UNFINISHED",
@@ -607,125 +609,158 @@ def step(value: JobValue, event: Event, rules: Rules) -> Step:
     """Return the job's next value and the actions to perform, in order (SPEC §4).
 
     Pure: no I/O, no clock (times come in the events), no randomness except the poll jitter drawn
-    from ``rules.rng``.
+    from ``rules.rng``. The rows are :data:`ROWS`: the states where an event has a row, and the
+    function that decides it.
 
     Raises:
         IllegalTransition: ``event`` has no row in the job's state (a bug in the caller).
     """
-    state = value.state
-    match event:
-        case Loaded(file_intact=intact, force=force):
-            if state is _S.DONE and intact and not force:
-                return value, (Skip(),)
-            if state is _S.ABANDONED and not rules.retry_abandoned:
-                return value, (Finish(Outcome.ABANDONED),)
-            if state in (_S.FAILED, _S.DONE, _S.ABANDONED):
-                return _move(value, _S.QUEUED), ()
-            if state in RECOVERY:
-                return replace(value, recovering=True), ()
-            return value, ()
-        case Admitted():
-            if value.recovering and RECOVERY[state] is _S.UPLOADING:
-                return replace(value, recovering=False), (Upload(),)
-            if state is _S.QUEUED or value.recovering:
-                return value, (AwaitRequestSlot(),)
-        case RequestSlotFree(now=now):
-            if state in (_S.QUEUED, _S.READY, _S.DOWNLOADING) or value.recovering:
-                moved = _start_cycle_state(value)
-                deadline = now + max(0.0, rules.poll_timeout - value.pending_seconds)
-                cycle = replace(
-                    moved,
-                    record=moved.record.evolve(attempts=moved.record.attempts + 1),
-                    empty_urls=0,
-                    answers=0,
-                    poll_wait=None,
-                    cycle_started=now,
-                    deadline=deadline,
-                )
-                return cycle, (SendPut(after=0.0, deadline=deadline),)
-        case Answered():
-            if state in (_S.REQUESTING, _S.PREPARING):
-                return _answered(value, event, rules)
-        case RequestFailed(problem=problem):
-            if state in (_S.REQUESTING, _S.PREPARING):
-                return _fail(value, problem, give_up_after=_give_up(problem, rules, from_api=True))
-        case PollDeadline():
-            if state is _S.PREPARING:
-                return _fail(
-                    value,
-                    Problem(
-                        "poll_timeout",
-                        f"package still {value.last_status[:64]!r} after poll_timeout "
-                        f"({rules.poll_timeout:g} s)",
-                        200,
-                    ),
-                )
-        case DownloadSlotFree(url_expired=expired):
-            if state in (_S.READY, _S.DOWNLOADING):
-                if expired and value.refreshes < MAX_URL_REFRESHES:
-                    return replace(value, refreshes=value.refreshes + 1), (AwaitRequestSlot(),)
-                if state is _S.READY:
-                    value = _move(value, _S.DOWNLOADING)
-                return value, (Download(etag=value.record.part_etag),)
-        case TransferStarted(etag=etag):
-            if state is _S.DOWNLOADING:
-                return _move(value, _S.DOWNLOADING, part_etag=etag), ()
-        case StorageRefused(problem=problem):
-            if state is _S.DOWNLOADING:
-                if value.refreshes < MAX_URL_REFRESHES:
-                    refreshed = replace(value, refreshes=value.refreshes + 1)
-                    note = Inform(f"{problem.message}; fetching a fresh signed URL")
-                    return refreshed, (note, AwaitRequestSlot())
-                return _fail(value, problem)
-        case TransferFailed(problem=problem):
-            if state is _S.DOWNLOADING:
-                return _fail(value, problem)
-        case LocalFailed(during=during):
-            if (during, state) in _LOCAL_STAGES:
-                return _local_failed(value, event)
-        case BytesEnded():
-            if state is _S.DOWNLOADING:
-                return _move(value, _S.VERIFYING), (Verify(),)
-        case Verified(size=size, sha256=sha256):
-            if state is _S.VERIFYING:
-                if rules.object_store:
-                    staged = _move(value, _S.UPLOADING, bytes=size, sha256=sha256, part_etag=None)
-                    return staged, (Upload(),)
-                return _done(value, size=size, sha256=sha256)
-        case VerifyFailed(problem=problem):
-            if state is _S.VERIFYING:
-                failures = value.verify_failures + 1
-                counted = replace(value, verify_failures=failures)
-                if failures >= MAX_VERIFY_FAILURES:
-                    return _fail(counted, problem, DiscardPart())
-                again = _move(counted, _S.DOWNLOADING, part_etag=None)
-                note = Inform(
-                    f"{problem.message}; downloading it again from 0", "verify_retry", problem.code
-                )
-                return again, (DiscardPart(), note, AwaitDownloadSlot())
-        case Uploaded():
-            if state is _S.UPLOADING:
-                return _done(value, size=value.record.bytes, sha256=value.record.sha256)
-        case UploadInterrupted():
-            if state is _S.UPLOADING:
-                return _move(value, _S.UPLOADING), (Upload(),)
-        case UploadFailed(problem=problem):
-            if state is _S.UPLOADING:
-                return _fail(value, problem)
-        case Aborted(problem=problem):
-            if state in (_S.DONE, _S.FAILED, _S.ABANDONED):
-                # Its outcome was decided but could not be saved: report the error, keep the state.
-                kept = replace(
-                    value,
-                    record=value.record.evolve(
-                        error_code=problem.code,
-                        error_message=problem.message,
-                        error_http_status=problem.http_status,
-                    ),
-                )
-                return kept, _FAILED_JOB
-            return _fail(value, problem, give_up_after=_give_up(problem, rules, from_api=False))
+    states, row = ROWS[type(event)]
+    if value.state in states:
+        result = row(value, event, rules)
+        if result is not None:
+            return result
     raise _unexpected(value, event)
+
+
+def _on_loaded(value: JobValue, event: Loaded, rules: Rules) -> Step:
+    """A new run found the job: skip it, queue it again, or mark it for crash recovery."""
+    state = value.state
+    if state is _S.DONE and event.file_intact and not event.force:
+        return value, (Skip(),)
+    if state is _S.ABANDONED and not rules.retry_abandoned:
+        return value, (Finish(Outcome.ABANDONED),)
+    if state in (_S.FAILED, _S.DONE, _S.ABANDONED):
+        return _move(value, _S.QUEUED), ()
+    if state in RECOVERY:
+        return replace(value, recovering=True), ()
+    return value, ()
+
+
+def _on_admitted(value: JobValue, event: Admitted, rules: Rules) -> Step | None:
+    """Admitted: wait for an in-flight slot, or (an upload a crash interrupted) upload again."""
+    if value.recovering and RECOVERY[value.state] is _S.UPLOADING:
+        return replace(value, recovering=False), (Upload(),)
+    if value.state is _S.QUEUED or value.recovering:
+        return value, (AwaitRequestSlot(),)
+    return None
+
+
+def _on_request_slot(value: JobValue, event: RequestSlotFree, rules: Rules) -> Step | None:
+    """A new request cycle: requesting, one more attempt, the PUT at once.
+
+    ``poll_timeout`` counts over every request cycle of the run, not per cycle.
+    """
+    if value.state not in (_S.QUEUED, _S.READY, _S.DOWNLOADING) and not value.recovering:
+        return None
+    moved = _start_cycle_state(value)
+    deadline = event.now + max(0.0, rules.poll_timeout - value.pending_seconds)
+    cycle = replace(
+        moved,
+        record=moved.record.evolve(attempts=moved.record.attempts + 1),
+        empty_urls=0,
+        answers=0,
+        poll_wait=None,
+        cycle_started=event.now,
+        deadline=deadline,
+    )
+    return cycle, (SendPut(after=0.0, deadline=deadline),)
+
+
+def _on_failure(value: JobValue, event: TransferFailed | UploadFailed, rules: Rules) -> Step:
+    """A step failed for good: the job fails with the problem (a ``.part`` is kept)."""
+    return _fail(value, event.problem)
+
+
+def _on_request_failed(value: JobValue, event: RequestFailed, rules: Rules) -> Step:
+    """The PUT failed for good; an answer no retry can fix counts toward abandoning the job."""
+    problem = event.problem
+    return _fail(value, problem, give_up_after=_give_up(problem, rules, from_api=True))
+
+
+def _on_poll_deadline(value: JobValue, event: PollDeadline, rules: Rules) -> Step:
+    """``poll_timeout`` is used up while the package is still pending."""
+    message = (
+        f"package still {value.last_status[:64]!r} after poll_timeout ({rules.poll_timeout:g} s)"
+    )
+    return _fail(value, Problem("poll_timeout", message, 200))
+
+
+def _on_download_slot(value: JobValue, event: DownloadSlotFree, rules: Rules) -> Step:
+    """A download slot: download (resuming the ``.part``), unless the URL is known expired."""
+    if event.url_expired and value.refreshes < MAX_URL_REFRESHES:
+        return replace(value, refreshes=value.refreshes + 1), (AwaitRequestSlot(),)
+    if value.state is _S.READY:
+        value = _move(value, _S.DOWNLOADING)
+    return value, (Download(etag=value.record.part_etag),)
+
+
+def _on_transfer_started(value: JobValue, event: TransferStarted, rules: Rules) -> Step:
+    """Storage's answer accepted: record the ETag of the bytes going into the ``.part``."""
+    return _move(value, _S.DOWNLOADING, part_etag=event.etag), ()
+
+
+def _on_storage_refused(value: JobValue, event: StorageRefused, rules: Rules) -> Step:
+    """Storage refused the URL: a fresh one (at most :data:`MAX_URL_REFRESHES`), then fail."""
+    if value.refreshes >= MAX_URL_REFRESHES:
+        return _fail(value, event.problem)
+    note = Inform(f"{event.problem.message}; fetching a fresh signed URL")
+    return replace(value, refreshes=value.refreshes + 1), (note, AwaitRequestSlot())
+
+
+def _on_local_failed(value: JobValue, event: LocalFailed, rules: Rules) -> Step | None:
+    """A local failure where one can happen (see :func:`_local_failed`)."""
+    if (event.during, value.state) not in _LOCAL_STAGES:
+        return None
+    return _local_failed(value, event)
+
+
+def _on_bytes_ended(value: JobValue, event: BytesEnded, rules: Rules) -> Step:
+    """All bytes are in: verify them."""
+    return _move(value, _S.VERIFYING), (Verify(),)
+
+
+def _on_verified(value: JobValue, event: Verified, rules: Rules) -> Step:
+    """Verified: done (local output), or upload it (object-store output)."""
+    if rules.object_store:
+        staged = _move(value, _S.UPLOADING, bytes=event.size, sha256=event.sha256, part_etag=None)
+        return staged, (Upload(),)
+    return _done(value, size=event.size, sha256=event.sha256)
+
+
+def _on_verify_failed(value: JobValue, event: VerifyFailed, rules: Rules) -> Step:
+    """A bad package: discard the ``.part`` and download again from 0 once; then fail."""
+    problem = event.problem
+    counted = replace(value, verify_failures=value.verify_failures + 1)
+    if counted.verify_failures >= MAX_VERIFY_FAILURES:
+        return _fail(counted, problem, DiscardPart())
+    again = _move(counted, _S.DOWNLOADING, part_etag=None)
+    note = Inform(f"{problem.message}; downloading it again from 0", "verify_retry", problem.code)
+    return again, (DiscardPart(), note, AwaitDownloadSlot())
+
+
+def _on_uploaded(value: JobValue, event: Uploaded, rules: Rules) -> Step:
+    """The store confirmed the upload: done."""
+    return _done(value, size=value.record.bytes, sha256=value.record.sha256)
+
+
+def _on_upload_interrupted(value: JobValue, event: UploadInterrupted, rules: Rules) -> Step:
+    """Upload again, from the staged file."""
+    return _move(value, _S.UPLOADING), (Upload(),)
+
+
+def _on_aborted(value: JobValue, event: Aborted, rules: Rules) -> Step:
+    """An error with no row of its own fails the job; after its outcome, the state is kept."""
+    problem = event.problem
+    if value.state in (_S.DONE, _S.FAILED, _S.ABANDONED):
+        # Its outcome was decided but could not be saved: report the error, keep the state.
+        record = value.record.evolve(
+            error_code=problem.code,
+            error_message=problem.message,
+            error_http_status=problem.http_status,
+        )
+        return replace(value, record=record), _FAILED_JOB
+    return _fail(value, problem, give_up_after=_give_up(problem, rules, from_api=False))
 
 
 #: Where a local failure can happen: (``during``, state).
@@ -818,6 +853,39 @@ def _done(value: JobValue, *, size: int | None, sha256: str | None) -> Step:
         failure_runs=0,
     )
     return done, (Finish(Outcome.DOWNLOADED),)
+
+
+_ANY: Final = frozenset(JobState)
+_POLLING: Final = frozenset({_S.REQUESTING, _S.PREPARING})
+
+
+def _row(*states: JobState) -> frozenset[JobState]:
+    return frozenset(states)
+
+
+#: The rows of the machine: event type -> (states where it has a row, the function deciding it).
+#: A function may still find no row (None) for a particular value, e.g. ``Admitted`` of a job
+#: that is neither queued nor left unfinished by a crash.
+ROWS: Final[Mapping[type, tuple[frozenset[JobState], Callable[..., Step | None]]]] = {
+    Loaded: (_ANY, _on_loaded),
+    Admitted: (_row(_S.QUEUED, *RECOVERY), _on_admitted),
+    RequestSlotFree: (_row(_S.QUEUED, *RECOVERY), _on_request_slot),
+    Answered: (_POLLING, _answered),
+    RequestFailed: (_POLLING, _on_request_failed),
+    PollDeadline: (_row(_S.PREPARING), _on_poll_deadline),
+    DownloadSlotFree: (_row(_S.READY, _S.DOWNLOADING), _on_download_slot),
+    TransferStarted: (_row(_S.DOWNLOADING), _on_transfer_started),
+    StorageRefused: (_row(_S.DOWNLOADING), _on_storage_refused),
+    TransferFailed: (_row(_S.DOWNLOADING), _on_failure),
+    LocalFailed: (_row(_S.DOWNLOADING, _S.VERIFYING), _on_local_failed),
+    BytesEnded: (_row(_S.DOWNLOADING), _on_bytes_ended),
+    Verified: (_row(_S.VERIFYING), _on_verified),
+    VerifyFailed: (_row(_S.VERIFYING), _on_verify_failed),
+    Uploaded: (_row(_S.UPLOADING), _on_uploaded),
+    UploadInterrupted: (_row(_S.UPLOADING), _on_upload_interrupted),
+    UploadFailed: (_row(_S.UPLOADING), _on_failure),
+    Aborted: (_ANY, _on_aborted),
+}
 
 
 # ------------------------------------------------------------------------------- pure helpers

@@ -18,7 +18,7 @@ from batch_export.clock import utc_timestamp
 from batch_export.errors import UsageError
 from batch_export.lifecycle import job_key
 from batch_export.manifest import DiscoverSelector, ExportSpec
-from batch_export.redact import escape_controls
+from batch_export.redact import escape_controls, redact_patterns
 from batch_export.store import RunInfo, SqliteStore
 from batch_export.types import STATE_FILE, JobRecord, JobState
 
@@ -127,6 +127,8 @@ def _run(run: RunInfo) -> dict[str, Any]:
 
 def _job(record: JobRecord, *, stale: bool = False) -> dict[str, Any]:
     doc = asdict(record)
+    if record.error_message:  # server text: never a signed-URL query or credentials, even from
+        doc["error_message"] = redact_patterns(record.error_message)  # an older version's store
     doc["state"] = STALE if stale else str(record.state)
     if stale:
         doc["last_state"] = str(record.state)  # what the store last recorded

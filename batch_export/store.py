@@ -343,8 +343,9 @@ class SqliteStore:
             The open store.
 
         Raises:
-            UsageError: the state dir cannot be created, the file is not a SQLite database, it cannot
-                be opened or put in WAL mode, or it was written by a newer batch-export.
+            UsageError: the state dir cannot be created, the file is not a SQLite database (or is
+                damaged), it or one of its journal files is a symlink, it cannot be opened or put in
+                WAL mode, or it was written by a newer batch-export.
         """
         try:
             await anyio.Path(state_dir).mkdir(parents=True, exist_ok=True)
@@ -353,6 +354,9 @@ class SqliteStore:
                 f"cannot create the state dir {state_dir}: {exc.strerror or exc}"
             ) from exc
         path = state_dir / STATE_FILE
+        for name in (STATE_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", f"{STATE_FILE}-journal"):
+            if (state_dir / name).is_symlink():  # SQLite would write through it, outside the dir
+                raise UsageError(f"{state_dir / name} is a symlink; refusing to use it (remove it)")
         try:
             # isolation_level=None: no implicit transactions; we BEGIN and COMMIT ourselves.
             db = await aiosqlite.connect(path, isolation_level=None)

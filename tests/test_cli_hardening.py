@@ -400,3 +400,49 @@ def test_every_run_option_is_settable_as_batch_export_option(
         extra_env={"BATCH_EXPORT_IN_FLIGHT": "0", "BATCH_EXPORT_OUT": str(elsewhere)},
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# -- nothing the run creates or opens in the state dir follows a planted symlink --------------------
+
+
+@pytest.mark.parametrize("entry", ["lock", "reports", "state.sqlite3-wal"])
+def test_a_symlink_planted_in_the_state_dir_is_refused_and_its_target_untouched(
+    sandbox: Sandbox, tmp_path: Path, entry: str
+) -> None:
+    manifest = write_manifest(tmp_path, sandbox)
+    state = tmp_path / "exports" / ".batch-export"
+    state.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    if entry == "reports":
+        victim.mkdir()
+    else:
+        victim.write_text("precious\n")
+    (state / entry).symlink_to(victim)
+    proc = cli("run", str(manifest), sandbox=sandbox)
+    assert_one_line_error(proc, str(state / entry))
+    assert "symlink" in proc.stderr
+    if entry == "reports":
+        assert list(victim.iterdir()) == []
+    else:
+        assert victim.read_text() == "precious\n"
+    assert sandbox.requests == []
+
+
+def test_status_never_shows_a_signed_query_even_from_an_older_store(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path, sandbox, jobs=1)
+    assert cli("run", str(manifest), sandbox=sandbox).returncode == 0
+    state = tmp_path / "exports" / ".batch-export"
+    leaked = (
+        "storage said no: https://s3.example/p.zip?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA"
+    )
+    with sqlite3.connect(state / "state.sqlite3") as db:
+        db.execute(
+            "UPDATE jobs SET state = 'failed', error_code = 'x', error_message = ?", (leaked,)
+        )
+    for extra in ([], ["--json"]):
+        proc = cli("status", "--state-dir", str(state), *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert "deadbeef" not in proc.stdout and "AKIA" not in proc.stdout
+        assert "https://s3.example/p.zip?" in proc.stdout

@@ -684,8 +684,14 @@ class Downloader:
             # Also on a broken connection: the bytes received so far are sound (same ETag,
             # checked offset) and a resume continues after them.
             with anyio.CancelScope(shield=True):  # also when a stop cancels us
-                while writes:
-                    await settle_oldest()  # the first failed write raises here
+                failure: Exception | None = None
+                while writes:  # every write is awaited, so none is left to die unobserved
+                    try:
+                        await settle_oldest()
+                    except Exception as exc:  # the first failed write; the later ones repeat it
+                        failure = failure or exc
+                if failure is not None:
+                    raise failure
                 if chunks:
                     data = b"".join(chunks)
                     await _local(sink.write, data)

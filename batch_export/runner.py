@@ -92,6 +92,7 @@ from batch_export.lifecycle import (
     url_expiry,
 )
 from batch_export.manifest import ExportSpec
+from batch_export.ownership import index_paths, stored_clash
 from batch_export.partlock import PartBusy
 from batch_export.ratelimit import RateLimiter
 from batch_export.redact import Redactor
@@ -388,11 +389,13 @@ class Runner:
         keys = [job_key(spec) for spec in self.specs]
         try:
             stored = await self._store.load_many(keys)
+            owners = index_paths(await self._store.all_records())  # earlier runs' paths
         except JobError as exc:
             if exc.code != STATE_STORE:
                 raise
             self._store_failed(None, exc)  # nothing will run: every job stays pending
-            stored = {}
+            stored, owners = {}, {}
+        run_keys = frozenset(keys)
         force = self.settings.force
         confirmed = None  # object-store output: done objects the uploader takes as present
         if self._uploader is not None and not force:
@@ -427,6 +430,16 @@ class Runner:
                 self._observer.job_finished(self._result(job))
             elif index in self._preset:  # discovered, but cannot run (no_listed_assets, path_clash)
                 await self._abort(job, self._preset[index])
+                self._observer.job_finished(self._result(job))
+            elif clash := stored_clash(
+                spec.relpath,
+                key=key,
+                aoi_id=spec.aoi_id,
+                insight_id=spec.insight_id,
+                stored=owners,
+                run_keys=run_keys,
+            ):  # another job's file in the state store: never replaced
+                await self._abort(job, clash)
                 self._observer.job_finished(self._result(job))
             elif value.record is not record:
                 job.record = value.record

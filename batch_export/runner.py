@@ -200,7 +200,8 @@ class Runner:
         clock: time source (tests inject one).
         rng: randomness for jitter (tests seed one).
         max_runtime: seconds after which the run stops taking work and checkpoints (exit 3).
-        sources: per spec, where it came from (``"exports[3]"``); default ``exports[i]``.
+        sources: per spec, where it came from (``"exports[3]"``); default: each spec's own
+            ``source`` (the manifest's index, kept through sharding and merging).
         uploader: uploads verified packages (object-store output); None: local output.
         discover: called with the run's API client once the sessions are open, before any job
             starts (SPEC §7): its jobs follow ``specs``, its failures fail without a request, its
@@ -233,7 +234,7 @@ class Runner:
         self.sources = (
             list(sources)
             if sources is not None
-            else [f"exports[{n}]" for n in range(len(self.specs))]
+            else [spec.source or f"exports[{n}]" for n, spec in enumerate(self.specs)]
         )
         self._key = api_key
         self._store = store

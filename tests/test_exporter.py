@@ -240,3 +240,20 @@ def test_cancelling_the_task_checkpoints_like_sigint_then_reraises(
         runs = list(db.execute("SELECT exit_code FROM runs"))
     assert states <= {"requesting", "preparing"} and states
     assert runs == [(130,)]
+
+
+def test_report_sources_are_the_manifest_indexes_also_when_sharded(
+    sandbox: Sandbox, workdir: Path
+) -> None:
+    write_manifest(workdir / "four.yaml", sandbox, jobs=4)
+    manifest = batch_export.manifest.load_manifest(workdir / "four.yaml")
+    expected = {spec.relpath: spec.source for spec in manifest.exports}
+    assert sorted(expected.values()) == [f"exports[{n}]" for n in range(4)]
+    seen: dict[str, str] = {}
+    for shard in ("0/2", "1/2"):
+        result = batch_export.export(
+            "four.yaml", out="exports", state_dir=f"state-{shard[0]}", shard=shard
+        )
+        for job in result.jobs:
+            seen[job["path"]] = job["source"]
+    assert seen == {str(workdir / "exports" / rel): src for rel, src in expected.items()}

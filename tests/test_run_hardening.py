@@ -190,7 +190,8 @@ async def test_disk_full_still_stops_the_other_downloads(
 
     monkeypatch.setattr(runner, "verify_package", full)
     result = await run(sandbox, tmp_path, specs(sandbox, 3))
-    assert [j.outcome for j in result.jobs] == [Outcome.FAILED, Outcome.PENDING, Outcome.PENDING]
+    outcomes = [j.outcome for j in result.jobs]  # whichever job got the download slot first
+    assert sorted(outcomes) == [Outcome.FAILED, Outcome.PENDING, Outcome.PENDING]
     assert len(sandbox.requests_to("storage", "GET")) == 1
 
 

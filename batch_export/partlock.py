@@ -5,17 +5,22 @@ lock (:mod:`batch_export.lock`) does not see that. Each writer therefore holds a
 exclusive ``flock`` on the open ``.part`` for as long as it has it open: the kernel drops the lock
 when the file is closed or the process dies (``kill -9`` included), so a stale lock never blocks a
 later run. A writer that finds the lock taken gets :class:`PartBusy` before it changes a byte.
+The writer takes the lock again (:func:`part_held`) while it verifies the complete ``.part`` and
+renames it onto the final path, so no other process empties it in between.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from batch_export.errors import JobError
 
-__all__ = ["PartBusy", "lock_part"]
+__all__ = ["PartBusy", "lock_part", "part_held"]
 
 #: ``errno`` of a file system that has no locks.
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
@@ -53,3 +58,25 @@ def lock_part(fd: int, part: Path) -> None:
             "the same output dir?); left for the next run",
             code="part_busy",
         ) from None
+
+
+@contextmanager
+def part_held(part: Path) -> Iterator[None]:
+    """Hold the lock of the complete ``.part`` for the block (its verification and commit).
+
+    A ``.part`` that cannot be opened is not locked: the verification reports what is wrong.
+
+    Raises:
+        PartBusy: another process holds it.
+    """
+    try:
+        fd: int | None = os.open(part, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            lock_part(fd, part)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -93,7 +93,7 @@ from batch_export.lifecycle import (
 )
 from batch_export.manifest import ExportSpec
 from batch_export.ownership import index_paths, stored_clash
-from batch_export.partlock import PartBusy
+from batch_export.partlock import PartBusy, part_held
 from batch_export.ratelimit import RateLimiter
 from batch_export.redact import Redactor
 from batch_export.segments import SegmentState
@@ -630,14 +630,7 @@ class Runner:
                 root=self.settings.out_dir,
             )
         except PartBusy as exc:  # another process writes this .part: not this job's failure
-            log.warning(
-                "pending     %s/%s (%s): %s",
-                job.spec.aoi_id,
-                job.spec.insight_id,
-                job.spec.name,
-                self._redact(exc.message),
-                extra={"event": "part_busy", "key": job.key, "error_code": exc.code},
-            )
+            self._part_busy(job, exc)
             raise _Stop() from None
         except UrlRejected as exc:
             return StorageRefused(self._problem(exc))
@@ -651,11 +644,17 @@ class Runner:
         transfer = context.transfer
         assert transfer is not None  # verification follows the transfer
         try:
-            await anyio.to_thread.run_sync(verify_package, context.part, transfer)
-            await anyio.to_thread.run_sync(
-                functools.partial(commit_part, context.part, job.final, root=self.settings.out_dir)
-            )
+            with part_held(context.part):  # no other process empties it while it is checked
+                await anyio.to_thread.run_sync(verify_package, context.part, transfer)
+                await anyio.to_thread.run_sync(
+                    functools.partial(
+                        commit_part, context.part, job.final, root=self.settings.out_dir
+                    )
+                )
             await self._store.save_segments(job.key, None)
+        except PartBusy as exc:
+            self._part_busy(job, exc)
+            raise _Stop() from None
         except VerificationError as exc:
             return VerifyFailed(self._problem(exc))
         except LocalIOError as exc:
@@ -663,6 +662,17 @@ class Runner:
         except OSError as exc:  # the disk failed us after the bytes arrived
             return await self._local_failed(local_io_error(exc), "verify")
         return Verified(size=transfer.size, sha256=transfer.sha256)
+
+    def _part_busy(self, job: Job, exc: PartBusy) -> None:
+        """Another process holds the job's ``.part``: one line naming it; the job stays pending."""
+        log.warning(
+            "pending     %s/%s (%s): %s",
+            job.spec.aoi_id,
+            job.spec.insight_id,
+            job.spec.name,
+            self._redact(exc.message),
+            extra={"event": "part_busy", "key": job.key, "error_code": exc.code},
+        )
 
     async def _upload(self, job: Job, context: _Context) -> Event:
         if self._uploader is None:

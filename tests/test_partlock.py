@@ -84,3 +84,45 @@ async def test_a_part_held_elsewhere_leaves_its_job_pending_and_others_go_on(
     assert len(lines) == 1
     assert f"{busy} is being written by another batch-export process" in lines[0]
     assert not [r for r in records if getattr(r, "error_code", "") == "local_io"]
+
+
+@pytest.mark.anyio
+async def test_a_part_taken_before_verification_is_not_committed(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    from batch_export.runner import Runner
+    from batch_export.store import MemoryStore
+    from batch_export.types import Job, JobState
+    from tests.test_breaker_runs import settings
+
+    jobs = specs(sandbox, 2)
+    taken: list[int] = []
+
+    class TakeAtVerify:
+        """Another process grabs job 0's .part the moment its bytes are complete."""
+
+        def job_state(self, job: Job) -> None:
+            if job.record.state is JobState.VERIFYING and job.spec is jobs[0] and not taken:
+                fd = os.open(part_path(job.final), os.O_RDWR)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                taken.append(fd)
+
+        def job_bytes(self, job: Job, count: int) -> None: ...
+
+        def job_finished(self, result: object) -> None: ...
+
+    runner = Runner(
+        settings(sandbox.api_url, tmp_path),
+        jobs,
+        api_key=KEY,
+        store=MemoryStore(),
+        observer=TakeAtVerify(),
+    )
+    try:
+        result = await runner.run()
+        assert [job.outcome for job in result.jobs] == [Outcome.PENDING, Outcome.DOWNLOADED]
+        assert not (tmp_path / jobs[0].relpath).exists()  # not committed under the other's lock
+        assert part_path(tmp_path / jobs[0].relpath).exists()  # nor removed
+    finally:
+        for fd in taken:
+            os.close(fd)

@@ -28,6 +28,7 @@ from batch_export.config import (
     resolve_api_key,
     resolve_settings,
     select_shard,
+    state_dir_links,
 )
 from batch_export.errors import BatchExportError, UsageError
 from batch_export.http import check_environment
@@ -108,6 +109,8 @@ async def run_export(
         raise UsageError(clash)
     for option, path in files.items():
         check_writable(option, path)
+    staging = settings.state_dir / "staging"
+    state_dir_links(settings.state_dir, also=(staging,) if settings.out_dir == staging else ())
     redactor.add(api_key)
     reports = settings.state_dir / REPORTS_DIR
     if reports.is_symlink() or (reports.exists() and not reports.is_dir()):

@@ -20,7 +20,13 @@ from batch_export.app import run_export
 from batch_export.config import RunOptions, parse_output_url, parse_shard
 from batch_export.errors import BatchExportError, LockHeldError, ManifestError
 from batch_export.logs import configure_logging
-from batch_export.manifest import DiscoverSelector, ExportSpec, Manifest, load_manifest
+from batch_export.manifest import (
+    DiscoverSelector,
+    ExportSpec,
+    Manifest,
+    limit_bounds,
+    load_manifest,
+)
 from batch_export.plan import plan_lines
 from batch_export.redact import Redactor
 from batch_export.report import new_run_id
@@ -112,19 +118,19 @@ def _load(path: Path) -> Manifest:
 )
 @click.option(
     "--in-flight",
-    type=click.IntRange(1, 100_000),
+    type=click.IntRange(*limit_bounds("in_flight")),
     metavar="N",
     help="Jobs being requested/polled at once; raise to hundreds for big migrations [default 32].",
 )
 @click.option(
     "--downloads",
-    type=click.IntRange(1, 1024),
+    type=click.IntRange(*limit_bounds("downloads")),
     metavar="N",
     help="Simultaneous downloads [default 4].",
 )
 @click.option(
     "--connections",
-    type=click.IntRange(1, 64),
+    type=click.IntRange(*limit_bounds("connections")),
     metavar="N",
     help="Parallel range connections per download (1: a single stream) [default 8].",
 )

@@ -6,16 +6,17 @@ and nothing has been sent.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from batch_export.errors import UsageError
 from batch_export.lifecycle import job_key, shard_of
-from batch_export.manifest import ExportSpec, Manifest
+from batch_export.manifest import ExportSpec, Manifest, api_url_problem, limit_bounds
 from batch_export.types import (
     DEFAULT_API_URL,
     DEFAULT_KEY_ENV,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RunOptions",
+    "check_options",
     "check_writable",
     "chosen_out_url",
     "output_file_clash",
@@ -42,6 +44,7 @@ __all__ = [
     "resolve_settings",
     "select_shard",
     "state_dir_clash",
+    "state_dir_links",
 ]
 
 
@@ -83,6 +86,7 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
             ``--allow-http``), or a number is out of range.
     """
     limits = manifest.limits
+    check_options(options)
     api_url = options.api_url or manifest.api.url or DEFAULT_API_URL
     refusal = url_refusal(api_url, allow_http=options.allow_http, what="API URL")
     if refusal:
@@ -136,6 +140,45 @@ def resolve_settings(manifest: Manifest, options: RunOptions) -> Settings:
     if clash:
         raise UsageError(clash)
     return settings
+
+
+#: Run options checked against the range of their manifest key (``limits.<name>``).
+_BOUNDED: Final = (
+    ("in_flight", "--in-flight"),
+    ("downloads", "--downloads"),
+    ("connections", "--connections"),
+    ("segment_min", "segment_min"),
+)
+
+
+def check_options(options: RunOptions) -> None:
+    """Check each option value exactly as the manifest checks its key (CLI, environment, Python API).
+
+    Raises:
+        UsageError: one line naming the option; an API URL's value is never quoted (it may
+            hold a password or a token).
+    """
+    if options.api_url is not None:
+        problem = api_url_problem(options.api_url)
+        if problem is not None:
+            raise UsageError(
+                f"--api-url / BATCH_EXPORT_API_URL / api_url: the API URL {problem} "
+                "(value not shown)"
+            )
+    for name, option in _BOUNDED:
+        value = getattr(options, name)
+        low, high = limit_bounds(name)
+        if value is not None and not (
+            isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        ):
+            raise UsageError(f"{option} must be an integer from {low} to {high}, got {value!r}")
+    if options.rate is not None and not (
+        isinstance(options.rate, int | float) and options.rate > 0 and math.isfinite(options.rate)
+    ):
+        raise UsageError(f"--rate must be a number of requests/s above 0, got {options.rate!r}")
+    for name, seconds in (("--max-runtime", options.max_runtime),):
+        if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+            raise UsageError(f"{name} must be a duration above 0, got {seconds!r} s")
 
 
 def chosen_out_url(manifest: Manifest, *, out: Path | None, out_url: str | None) -> str | None:
@@ -328,6 +371,34 @@ def resolve_api_key(manifest: Manifest, environ: dict[str, str] | None = None) -
             f"the API key from {sources[0][0]} has characters other than printable ASCII"
         )
     return key
+
+
+def state_dir_links(state_dir: Path, *, also: tuple[Path, ...] = ()) -> None:
+    """Refuse a symlink where the run writes inside its state dir (reports, lock, state store...).
+
+    A run writes ``<state-dir>/reports/``, ``lock``, ``state.sqlite3`` (and SQLite's ``-wal``,
+    ``-shm``, ``-journal`` beside it) and, for an object-store output, the default
+    ``<state-dir>/staging``; a symbolic link at one of those would send the writes out of the
+    state dir. The state dir itself may be a link (the operator chose where it lives).
+
+    Args:
+        state_dir: The run's state dir (it may not exist yet).
+        also: Further paths the run writes inside it (the default staging folder).
+
+    Raises:
+        UsageError: one of them is a symbolic link (named, with where it points).
+    """
+    for path in (*(state_dir / entry for entry in STATE_ENTRIES), *also):
+        if path.is_symlink():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            raise UsageError(
+                f"{path} is a symbolic link (to {target}); batch-export writes only inside its "
+                "state dir and never through a link: remove the link (or point --state-dir at "
+                "the real folder)"
+            )
 
 
 def check_writable(option: str, path: Path) -> None:

@@ -231,6 +231,8 @@ def _proxy_var(env: Mapping[str, str], name: str, *, cgi: bool = False) -> Proxy
 
 
 def _proxy_url(value: str, var: str) -> URL:
+    if any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise UsageError(f"{var} is not a valid proxy URL (white space or control characters)")
     if "://" not in value:
         value = "http://" + value
     try:

@@ -19,7 +19,7 @@ Schema shipped as ``batch_export/manifest.schema.json``.
 
 from __future__ import annotations
 
-from batch_export.manifest._keys import manifest_json_schema
+from batch_export.manifest._keys import limit_bounds, manifest_json_schema
 from batch_export.manifest._model import (
     ALL,
     DEFAULT_NAME_TEMPLATE,
@@ -35,6 +35,7 @@ from batch_export.manifest._model import (
     Manifest,
     OutputSettings,
 )
+from batch_export.manifest._nodes import api_url_problem
 from batch_export.manifest._paths import (
     path_conflicts,
     render_name,
@@ -58,6 +59,8 @@ __all__ = [
     "LimitSettings",
     "Manifest",
     "OutputSettings",
+    "api_url_problem",
+    "limit_bounds",
     "load_manifest",
     "manifest_json_schema",
     "parse_manifest",

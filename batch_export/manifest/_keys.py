@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from batch_export.manifest._model import ALL, DEFAULT_NAME_TEMPLATE, DEFAULT_PATH_TEMPLATE
 
-__all__ = ["manifest_json_schema"]
+__all__ = ["limit_bounds", "manifest_json_schema"]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -375,3 +375,17 @@ def _field_schema(spec: _Field) -> dict[str, Any]:
     if spec.default is not None:
         out["default"] = spec.default
     return out
+
+
+def limit_bounds(name: str) -> tuple[int, int]:
+    """Return ``(minimum, maximum)`` of the integer or size key ``limits.<name>`` (its units).
+
+    The one range for the manifest key, its command-line option and the Python API's argument.
+
+    Raises:
+        KeyError: no such key, or one without bounds.
+    """
+    spec = _LIMITS[name]
+    if spec.minimum is None or spec.maximum is None:
+        raise KeyError(name)
+    return int(spec.minimum), int(spec.maximum)

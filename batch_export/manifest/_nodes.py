@@ -53,7 +53,7 @@ from batch_export.manifest._yaml import (
 )
 from batch_export.units import parse_duration
 
-__all__: list[str] = []
+__all__ = ["api_url_problem"]
 
 _YAML11_TAGS: Final = frozenset({_T_INT, _T_FLOAT, _T_BOOL, _T_NULL, _T_TIMESTAMP, _T_STR})
 _SIZE_EXPECTED: Final = "expected a size such as 32MiB, 1GiB, 500MB or a number of bytes"
@@ -396,27 +396,7 @@ class _Checks:
         text = self.string(node, path)
         if text is None:
             return None
-        problem = None
-        try:
-            parts = urllib.parse.urlsplit(text)
-            _ = parts.port  # raises ValueError on a bad port
-        except ValueError:
-            problem = "is not a valid URL"
-        else:
-            if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-                problem = (
-                    "must be an http:// or https:// URL with a host, such as "
-                    "https://api.pixxel.space"
-                )
-            elif "@" in parts.netloc:
-                problem = (
-                    "must not hold user:password@; the key goes in an environment variable "
-                    "(api.key_env) or a file (api.key_file)"
-                )
-            elif parts.query or parts.fragment or text.endswith(("?", "#")):
-                problem = "must not have a query (?...) or fragment (#...)"
-            elif re.search(r"\s", text) or _CONTROL.search(text):
-                problem = "must not contain white space or control characters"
+        problem = api_url_problem(text)
         if problem is not None:
             self.report.error(node.line, node.col, path, f"the API URL {problem} (value not shown)")
             return None
@@ -736,3 +716,29 @@ class _Checks:
         tag = "(not shown)" if self.hidden(path) else _short_tag(node.tag)
         message = f"unexpected explicit tag {tag}; remove it"
         self.report.error(node.line, node.col, path, message)
+
+
+def api_url_problem(text: str) -> str | None:
+    """Return why ``text`` cannot be an API base URL (``"must not hold user:password@; …"``), or None.
+
+    The one rule for ``api.url``, ``--api-url``, ``BATCH_EXPORT_API_URL`` and the Python API's
+    ``api_url``: an http(s) URL with a host, without userinfo, query or fragment, white space or
+    control characters. The message never quotes the value (it may hold a secret).
+    """
+    try:
+        parts = urllib.parse.urlsplit(text)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host, such as https://api.pixxel.space"
+    if "@" in parts.netloc:
+        return (
+            "must not hold user:password@; the key goes in an environment variable "
+            "(api.key_env) or a file (api.key_file)"
+        )
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        return "must not have a query (?...) or fragment (#...)"
+    if re.search(r"\s", text) or _CONTROL.search(text):
+        return "must not contain white space or control characters"
+    return None

@@ -195,6 +195,11 @@ def view_document(resolution: Resolution, done: frozenset[str]) -> dict[str, Any
                 "error": None if error is None else error.to_dict(),
                 "insights": insights,
             }
+            | (
+                {"warning": {"code": view.warning.code, "message": view.warning.message}}
+                if view.warning is not None
+                else {}
+            )
         )
     return {"selectors": [{"selector": index, "aois": aois} for index, aois in selectors.items()]}
 
@@ -226,6 +231,10 @@ def view_lines(document: dict[str, Any], manifest: Manifest) -> list[str]:
                         f"  {where}: listing failed: {error['code']}{status}: {error['message']}"
                     )
                 )
+                continue
+            warning = aoi.get("warning")
+            if warning is not None:
+                lines.append(escape_controls(f"  {where}: warning: {warning['message']}"))
                 continue
             counts: dict[str, int] = {}
             for insight in aoi["insights"]:

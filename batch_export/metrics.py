@@ -79,11 +79,10 @@ def write_metrics(
         "When the last run finished (epoch seconds).",
         registry=registry,
     ).set(finished_at)
-    if last_success_at is not None:
-        Gauge(
-            "batch_export_last_success_timestamp_seconds",
-            "When the last run that exited 0 finished (epoch seconds).",
-            registry=registry,
-        ).set(last_success_at)
+    Gauge(  # 0 before any success, so "time() - last success > 1 day" fires from the first night
+        "batch_export_last_success_timestamp_seconds",
+        "When the last run that exited 0 finished (epoch seconds; 0: none yet).",
+        registry=registry,
+    ).set(last_success_at if last_success_at is not None else 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_to_textfile(str(path), registry)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from batch_export.lifecycle import job_key
-from batch_export.manifest import ExportSpec, Manifest
+from batch_export.manifest import DiscoverSelector, ExportSpec, Manifest
 from batch_export.redact import escape_controls
-from batch_export.types import DEFAULT_RATE, Settings
+from batch_export.types import DEFAULT_POLL_INTERVAL, DEFAULT_RATE, Settings
 
-__all__ = ["plan_lines"]
+__all__ = ["listing_floor", "plan_lines"]
 
 
 def _human(seconds: float) -> str:
@@ -47,14 +48,42 @@ def plan_lines(
         )
     jobs = len(specs)
     rate = settings.rate if settings else manifest.limits.rate or DEFAULT_RATE
+    poll = (
+        settings.poll_interval
+        if settings
+        else manifest.limits.poll_interval or DEFAULT_POLL_INTERVAL
+    )
+    pages, insight_lists = listing_floor(manifest.discover)
+    listings = pages + insight_lists
+    fewest, polled = listings + jobs, listings + 2 * jobs
+    shown = f" ({listings} of them listings)" if listings else ""
     lines.append(
-        f"{jobs} job(s); at least {jobs} API request(s), {2 * jobs} when the first answer is "
-        f"pending; at {rate:g} requests/s that takes at least {_human(jobs / rate)}, "
-        f"{_human(2 * jobs / rate)} with one poll each"
+        f"{jobs} job(s); at least {fewest} API request(s){shown}, {polled} when each first answer "
+        f"is pending; at {rate:g} requests/s that takes at least {_human(fewest / rate)}, "
+        f"{_human(max(polled / rate, poll if jobs else 0.0))} with one poll each "
+        f"({_human(poll)} apart); lower bounds: more polls, retries and the downloads add to them"
     )
     if manifest.discover:
         lines.append(
             f"{len(manifest.discover)} discover: selector(s), resolved from the API's listings at "
-            "run time (their jobs are not counted above; validate sends nothing)"
+            f"run time: at least {pages} AOI page(s) and {insight_lists} insight listing(s) "
+            "(counted above); their jobs are known only then and are not counted "
+            "(validate sends nothing)"
         )
     return lines
+
+
+def listing_floor(selectors: Sequence[DiscoverSelector]) -> tuple[int, int]:
+    """Return the fewest ``(AOI pages, insight listings)`` the selectors cost (requests).
+
+    One page per distinct paged query (``aois: all``, or a ``projects:`` list), however many AOIs
+    it lists; one insight listing per distinct AOI named in ``aois: [ids]`` (the AOIs a page lists
+    add theirs at run time).
+    """
+    paged = {
+        "*" if selector.all_aois else tuple(sorted(selector.projects or ()))
+        for selector in selectors
+        if selector.aois is None
+    }
+    named = {aoi for selector in selectors for aoi in selector.aois or ()}
+    return len(paged), len(named)

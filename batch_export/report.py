@@ -69,6 +69,9 @@ def _discovery_entry(entry: DiscoveryEntry) -> dict[str, Any]:
         "error": None
         if error is None
         else {"code": error.code, "message": error.message, "http_status": error.http_status},
+        "warning": None
+        if entry.warning is None
+        else {"code": entry.warning.code, "message": entry.warning.message},
     }
 
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from batch_export.api import PixxelClient, encode_segment
 from batch_export.discovery import Action, Resolved, merge, resolve
 from batch_export.listing import Fetch, ListingError, api_fetch, list_selectors
-from batch_export.manifest import ExportSpec, Manifest
+from batch_export.manifest import DiscoverSelector, ExportSpec, Manifest
 from batch_export.types import Discovered, DiscoveryEntry, Problem, Settings
 
-__all__ = ["AoiView", "Resolution", "discover", "run_hook"]
+__all__ = ["NO_AOIS", "AoiView", "Resolution", "discover", "run_hook"]
 
 log = logging.getLogger("batch_export")
 
@@ -40,12 +40,15 @@ class AoiView:
         aoi_id: The AOI, or ``None`` for the selector's AOI paging (then only ``error`` is set).
         error: Why its listing failed, or ``None``.
         insights: Every listed insight with its action, in listing order.
+        warning: For the paging entry (``aoi_id`` ``None``): why it is worth a look although
+            nothing failed (``no_aois``), or ``None``.
     """
 
     selector: int
     aoi_id: str | None
     error: ListingError | None = None
     insights: tuple[Resolved, ...] = ()
+    warning: Problem | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,10 @@ async def discover(
         if listing.error is not None:
             views.append(AoiView(selector.index, None, listing.error))
             entries.append(DiscoveryEntry(selector.index, None, error=_problem(listing.error)))
+        elif not listing.aois and selector.aois is None:  # paged, answered, and nothing there
+            warning = _no_aois(selector)
+            views.append(AoiView(selector.index, None, warning=warning))
+            entries.append(DiscoveryEntry(selector.index, None, warning=warning))
     merged = merge(explicit, resolved)
     jobs = [job for job in merged.jobs if keep is None or keep(job.spec)]
     failures = {
@@ -137,6 +144,17 @@ async def discover(
         entries=tuple(entries),
     )
     return Resolution(tuple(views), discovered)
+
+
+#: Warning code of a paged selector whose listing holds no AOI (a typo in ``projects:``?).
+NO_AOIS = "no_aois"
+
+
+def _no_aois(selector: DiscoverSelector) -> Problem:
+    if selector.projects is not None:
+        named = ", ".join(selector.projects)
+        return Problem(NO_AOIS, f"project(s) {named} list no AOI this key can see (a typo?)")
+    return Problem(NO_AOIS, "the AOI listing holds no AOI this key can see")
 
 
 def run_hook(
@@ -167,7 +185,15 @@ def run_hook(
         )
         for entry in resolution.discovered.entries:
             where = f"AOI {entry.aoi_id}" if entry.aoi_id is not None else "AOI listing"
-            if entry.error is not None:
+            if entry.warning is not None:
+                log.warning(
+                    "discover[%d] %s: %s",
+                    entry.selector,
+                    where,
+                    entry.warning.message,
+                    extra={"event": "discover_warning", "error_code": entry.warning.code},
+                )
+            elif entry.error is not None:
                 log.warning(
                     "discover[%d] %s: listing failed: %s: %s",
                     entry.selector,

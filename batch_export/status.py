@@ -58,9 +58,11 @@ def read_status(
     "runs": [...]}``; each job is a :class:`JobRecord` as a dict, ``state`` a string.
 
     Raises:
-        UsageError: there is no state store in ``state_dir``.
+        UsageError: there is no state store in ``state_dir`` and no manifest was given (with a
+            manifest, no store yet means no run yet: every job of the manifest is ``queued``).
     """
-    if not (state_dir / STATE_FILE).is_file():
+    exists = (state_dir / STATE_FILE).is_file()
+    if not exists and specs is None:
         raise UsageError(
             f"no state store in {state_dir} (has a run used this manifest / --out / --state-dir?)"
         )
@@ -72,7 +74,7 @@ def read_status(
         finally:
             await store.close()
 
-    records, last_runs = anyio.run(load)
+    records, last_runs = anyio.run(load) if exists else ([], [])
     jobs, stale = _split(records, specs, selectors)
     counts = Counter(str(record.state) for record in jobs)
     docs = [_job(record) for record in jobs] + [_job(record, stale=True) for record in stale]

@@ -403,6 +403,8 @@ class DiscoveryEntry:
         listed: insights the API returned for the AOI, deleted and unready ones included.
         selected: those that became jobs.
         error: why the listing failed, or None.
+        warning: something to look at that is no failure (``no_aois``: the selector's
+            ``projects:``/``aois: all`` listed no AOI), or None.
     """
 
     selector: int
@@ -410,6 +412,7 @@ class DiscoveryEntry:
     listed: int = 0
     selected: int = 0
     error: Problem | None = None
+    warning: Problem | None = None
 
 
 @dataclass(frozen=True, slots=True)

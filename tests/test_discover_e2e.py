@@ -212,6 +212,7 @@ def test_three_nightly_runs_export_exactly_what_is_new(sandbox: Sandbox, tmp_pat
                 "message": f"no permission for AOI {DENIED.id!r}",
                 "http_status": 403,
             },
+            "warning": None,
         }
     ]
     assert len(report["discovery"]) == 2 + len(

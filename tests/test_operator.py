@@ -131,7 +131,7 @@ def test_metrics_file_parses_with_prometheus_client(sandbox: Sandbox, tmp_path: 
     assert values[("batch_export_api_requests", (("status", "400"),))] == 1
     assert values[("batch_export_throttled_requests", ())] == 0
     assert values[("batch_export_last_exit_code", ())] == 1
-    assert ("batch_export_last_success_timestamp_seconds", ()) not in values
+    assert values[("batch_export_last_success_timestamp_seconds", ())] == 0  # no success yet
     assert values[("batch_export_downloaded_bytes", ())] > 6_000_000
     second = run(
         str(manifest(tmp_path, sandbox, failing=False)),

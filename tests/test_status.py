@@ -146,7 +146,15 @@ def test_status_manifest_with_out_and_state_dir_as_run_takes_them(
     found = Path(json.loads(out)["state_dir"])
     assert found == tmp_path / "cwd" / "../proj/exports/.batch-export"  # as run spells it
     assert found.resolve() == project.parent / "exports" / ".batch-export"
-    code, out = status(str(project), "--state-dir", str(tmp_path / "nowhere"))
+    # No store there yet, i.e. no run yet: the manifest's jobs are all queued (README), exit 0.
+    code, out = status(str(project), "--state-dir", str(tmp_path / "nowhere"), "--json")
+    assert code == 0, out
+    doc = json.loads(out)
+    assert doc["counts"]["total"] == doc["counts"]["queued"] == len(doc["jobs"]) > 0
+    assert {job["state"] for job in doc["jobs"]} == {"queued"}
+    assert doc["runs"] == []
+    assert not (tmp_path / "nowhere").exists()  # status creates nothing
+    code, out = status("--state-dir", str(tmp_path / "nowhere"))  # without a manifest: an error
     assert code == 2
     assert f"no state store in {tmp_path / 'nowhere'}" in out
 

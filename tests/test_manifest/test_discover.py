@@ -241,8 +241,27 @@ def test_the_plan_counts_selectors() -> None:
           - {projects: [p], outputs: all}
         """
     )
-    assert plan_lines(m, None)[-1] == (
-        "2 discover: selector(s), resolved from the API's listings at run time (their jobs are "
-        "not counted above; validate sends nothing)"
+    lines = plan_lines(m, None)
+    assert lines == [
+        "0 job(s); at least 2 API request(s) (2 of them listings), 2 when each first answer is "
+        "pending; at 2 requests/s that takes at least 1.0s, 1.0s with one poll each (5.0s apart); "
+        "lower bounds: more polls, retries and the downloads add to them",
+        "2 discover: selector(s), resolved from the API's listings at run time: at least 2 AOI "
+        "page(s) and 0 insight listing(s) (counted above); their jobs are known only then and "
+        "are not counted (validate sends nothing)",
+    ]
+    named = parse(
+        """\
+        version: 1
+        limits: {rate: 4, poll_interval: 30s}
+        discover:
+          - {aois: [a1, a2], outputs: all}
+          - {aois: [a2, a3], outputs: all}
+          - {aois: all, outputs: all}
+          - {aois: all, name_glob: "x*", outputs: all}
+        """
+    )
+    assert plan_lines(named, None)[0].startswith(
+        "0 job(s); at least 4 API request(s) (4 of them listings)"
     )
     assert not any("selector" in line for line in plan_lines(parse(MINIMAL), None))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -42,9 +43,11 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def latest_report(tmp_path: Path) -> dict[str, Any]:
-    reports = sorted((tmp_path / "out" / ".batch-export" / "reports").glob("*.json"))
-    return json.loads(reports[-1].read_text())  # type: ignore[no-any-return]
+def report_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The run's own report, named by its summary line (report names sort by second only)."""
+    found = re.findall(r"; report (\S+\.json)", proc.stderr)
+    assert len(found) == 1, proc.stderr
+    return json.loads(Path(found[0]).read_text())  # type: ignore[no-any-return]
 
 
 LIMITS = "limits: {rate: 500, poll_interval: 0.05s, poll_max_interval: 0.1s, retries: 1}"
@@ -70,7 +73,7 @@ discover:
     )
     first = cli("run", str(manifest), "--no-progress", cwd=tmp_path)
     assert first.returncode == 1, first.stderr
-    jobs = latest_report(tmp_path)["jobs"]
+    jobs = report_of(first)["jobs"]
     done = [j for j in jobs if j["outcome"] == "downloaded"]
     assert len(done) == 1
     assert (
@@ -89,7 +92,7 @@ discover:
     assert path.read_bytes() == before  # the first job's package, untouched
     assert not path.with_name(path.name + ".part").exists()
     assert len(sandbox.requests_to("api", "PUT")) == puts  # the loser sent nothing
-    jobs = latest_report(tmp_path)["jobs"]
+    jobs = report_of(second)["jobs"]
     failed = [j for j in jobs if j["outcome"] == "failed"]
     assert [j["error"]["code"] for j in failed] == ["path_clash", "path_clash"]
     # The listing's first live insight meets the stored done file; the next one meets it in-run.
@@ -136,7 +139,7 @@ def test_an_edited_entry_of_the_same_insight_supersedes_its_old_file(
     manifest.write_text(_explicit(sandbox, insight, insight.outputs[:1], "pkg"))
     second = cli("run", str(manifest), "--no-progress", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
-    [job] = latest_report(tmp_path)["jobs"]
+    [job] = report_of(second)["jobs"]
     assert job["outcome"] == "downloaded"
     aoi = next(a for a in sandbox.catalog.aois if insight in a.insights)
     sha = sandbox.package_bytes_sha256(aoi.id, insight.id, (), insight.outputs[:1])
@@ -149,8 +152,9 @@ def test_an_entry_of_another_insight_never_replaces_a_done_file(
     first_insight, other = _two_insights(sandbox)
     manifest = tmp_path / "m.yaml"
     manifest.write_text(_explicit(sandbox, first_insight, first_insight.outputs, "pkg"))
-    assert cli("run", str(manifest), "--no-progress", cwd=tmp_path).returncode == 0
-    [done] = latest_report(tmp_path)["jobs"]
+    first = cli("run", str(manifest), "--no-progress", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    [done] = report_of(first)["jobs"]
     path = Path(done["path"])
     before = path.read_bytes()
     puts = len(sandbox.requests_to("api", "PUT"))
@@ -158,7 +162,7 @@ def test_an_entry_of_another_insight_never_replaces_a_done_file(
     for extra in ((), ("--force",)):
         second = cli("run", str(manifest), "--no-progress", *extra, cwd=tmp_path)
         assert second.returncode == 1, second.stderr
-        [job] = latest_report(tmp_path)["jobs"]
+        [job] = report_of(second)["jobs"]
         assert job["outcome"] == "failed"
         assert job["error"]["code"] == "path_clash"
         assert f"insight '{first_insight.id}'" in job["error"]["message"]

@@ -32,7 +32,7 @@ from typing import Protocol
 import anyio
 
 from batch_export.api import API_CONNECTIONS, PackageStatus, PixxelClient
-from batch_export.breaker import Breaker, Verdict
+from batch_export.breaker import Breaker, Verdict, interleave_by_aoi
 from batch_export.clock import Clock, SystemClock
 from batch_export.download import (
     Downloader,
@@ -349,14 +349,18 @@ class Runner:
         )
 
     async def _run_all(self) -> None:
-        """Admit jobs in order (bounded), until all ran or a stop was requested."""
+        """Admit jobs (bounded) round-robin over their AOIs, until all ran or a stop was requested.
+
+        Round-robin (:func:`~batch_export.breaker.interleave_by_aoi`) so that a bad key shows as
+        403s across AOIs within the first few requests, whatever the manifest's order.
+        """
         admission = anyio.Semaphore(self.settings.in_flight + self.settings.downloads)
         self._jobs_scope = anyio.CancelScope()
         if self.stop.requested:
             self._jobs_scope.cancel()
         with self._jobs_scope:
             async with anyio.create_task_group() as tg:
-                for job in self.jobs:
+                for job in interleave_by_aoi(self.jobs, lambda job: job.spec.aoi_id):
                     if job.outcome in (Outcome.SKIPPED, Outcome.FAILED, Outcome.ABANDONED):
                         continue
                     await admission.acquire()

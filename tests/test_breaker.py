@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from batch_export.breaker import PROBES, Breaker, Cause, Verdict
+import pytest
+
+from batch_export.breaker import PROBES, Breaker, Cause, Verdict, interleave_by_aoi
 
 
 def forbidden(breaker: Breaker, job: str, aoi: str, code: str = "invalid_api_key") -> Verdict:
@@ -152,3 +154,22 @@ def test_other_failures_are_the_jobs_own() -> None:
             == Verdict()
         )
     assert breaker.opened is None
+
+
+# ------------------------------------------------------------------------------ admission order
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        ([], []),
+        (["a1"], ["a1"]),
+        (["a1", "a2", "a3", "b1", "b2", "c1"], ["a1", "b1", "c1", "a2", "b2", "a3"]),
+        (["b1", "a1", "b2", "a2"], ["b1", "a1", "b2", "a2"]),
+        (["a1", "a2", "a3"], ["a1", "a2", "a3"]),
+    ],
+)
+def test_admission_takes_the_aois_in_turn_keeping_each_aois_order(
+    items: list[str], expected: list[str]
+) -> None:
+    assert list(interleave_by_aoi(items, lambda item: item[0])) == expected

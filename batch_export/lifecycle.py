@@ -17,8 +17,10 @@ Events (what happened) and the actions a row answers with:
 event                       rows (state -> state: actions)
 ==========================  =====================================================================
 ``Loaded``                  done with its file intact -> ``Skip``; failed/done/abandoned -> queued
-                            (in memory); unfinished -> marked for crash recovery
-``Admitted``                queued/unfinished -> ``AwaitRequestSlot``; uploading (crash) -> ``Upload``
+                            (in memory); failed with its verified package still staged (object-store
+                            output) -> uploading (in memory); unfinished -> marked for crash recovery
+``Admitted``                queued/unfinished -> ``AwaitRequestSlot``; uploading (crash, or a
+                            failed upload's staged file) -> ``Upload``
 ``RequestSlotFree``         queued/ready/downloading -> requesting (a new request cycle);
                             unfinished after a crash -> requesting (recovery, ``.part`` kept):
                             ``SendPut(after=0)``
@@ -171,7 +173,7 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     _S.DOWNLOADING: frozenset({_S.VERIFYING, _S.DOWNLOADING, _S.REQUESTING, _S.FAILED}),
     _S.VERIFYING: frozenset({_S.DONE, _S.UPLOADING, _S.DOWNLOADING, _S.FAILED}),
     _S.UPLOADING: frozenset({_S.DONE, _S.UPLOADING, _S.FAILED}),
-    _S.FAILED: frozenset({_S.QUEUED, _S.ABANDONED}),
+    _S.FAILED: frozenset({_S.QUEUED, _S.UPLOADING, _S.ABANDONED}),
     _S.DONE: frozenset({_S.QUEUED}),
     _S.ABANDONED: frozenset({_S.QUEUED}),
 }
@@ -275,11 +277,14 @@ class JobValue:
 class Loaded:
     """The run found the job's record (or made a new one).
 
-    ``file_intact``: a done job's file is present with the recorded size; ``force``: redo done jobs.
+    ``file_intact``: a done job's file is present with the recorded size; ``force``: redo done jobs;
+    ``staged_intact``: (object-store output) a failed job's staged file is present with the
+    recorded size and sha256, so its upload can be tried again without a new download.
     """
 
     file_intact: bool
     force: bool
+    staged_intact: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,6 +635,10 @@ def _on_loaded(value: JobValue, event: Loaded, rules: Rules) -> Step:
         return value, (Skip(),)
     if state is _S.ABANDONED and not rules.retry_abandoned:
         return value, (Finish(Outcome.ABANDONED),)
+    if state is _S.FAILED and event.staged_intact and rules.object_store and not event.force:
+        # An upload that failed for good left its verified package staged: upload it again, with
+        # no new PUT and no new download (SPEC §8).
+        return replace(_move(value, _S.UPLOADING), recovering=True), ()
     if state in (_S.FAILED, _S.DONE, _S.ABANDONED):
         return _move(value, _S.QUEUED), ()
     if state in RECOVERY:

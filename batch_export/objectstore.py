@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -957,6 +958,17 @@ class ObjectUploader:
         )
         await asyncio.to_thread(_remove_staged, staged)
 
+    async def staged_intact(self, record: JobRecord, staged: Path) -> bool:
+        """Tell whether ``staged`` is still the verified package of ``record`` (a failed upload's).
+
+        True when it is a regular file (not followed through a symlink) with the recorded size
+        and sha256: the next run uploads it again instead of downloading the package anew
+        (SPEC §8). Reads the whole file once (in a worker thread) when the size matches.
+        """
+        if record.bytes is None or record.sha256 is None:
+            return False
+        return await asyncio.to_thread(_same_file, staged, record.bytes, record.sha256)
+
     async def confirm(self, records: list[JobRecord]) -> set[str]:
         """Return the keys of the done jobs whose objects may be taken as present.
 
@@ -986,6 +998,23 @@ class ObjectUploader:
     @staticmethod
     def _matches(info: ObjectInfo | None, record: JobRecord) -> bool:
         return info is not None and info.size == record.bytes and info.sha256 == record.sha256
+
+
+def _same_file(path: Path, size: int, sha256: str) -> bool:
+    """Return whether ``path`` is a regular file of ``size`` bytes whose sha256 is ``sha256``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            return False
+        try:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError:
+            return False
+    return digest == sha256
 
 
 def _remove_staged(staged: Path) -> None:

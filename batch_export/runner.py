@@ -151,6 +151,10 @@ class Uploader(Protocol):
         """
         ...
 
+    async def staged_intact(self, record: JobRecord, staged: Path) -> bool:
+        """Tell whether a failed job's staged file is still its verified package (size, sha256)."""
+        ...
+
 
 class _Stop(Exception):
     """Downloads were stopped (local disk failure): leave the job pending."""
@@ -424,7 +428,13 @@ class Runner:
                 and not force
                 and (key in confirmed if confirmed is not None else _intact(job))
             )
-            value, actions = step(JobValue(record), Loaded(intact, force), self._rules)
+            staged = (
+                self._uploader is not None
+                and record.state is JobState.FAILED
+                and not force
+                and await self._uploader.staged_intact(record, final)
+            )
+            value, actions = step(JobValue(record), Loaded(intact, force, staged), self._rules)
             self._values[key] = value
             if Skip() in actions:
                 job.outcome = Outcome.SKIPPED

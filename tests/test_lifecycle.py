@@ -84,6 +84,7 @@ SPEC_TABLE = {
     (S.FAILED, S.QUEUED),
     (S.DONE, S.QUEUED),
     (S.FAILED, S.ABANDONED),
+    (S.FAILED, S.UPLOADING),  # "the next run, the failed upload's staged file intact" (§8)
     (S.ABANDONED, S.QUEUED),  # "back to queued on an entry change or --retry-abandoned"
 }
 
@@ -474,6 +475,32 @@ def test_crash_during_upload_resumes_the_upload_without_a_put() -> None:
     value, _ = step(fresh(S.UPLOADING, bytes=5, sha256="s"), Loaded(False, False), rules())
     value, actions = step(value, Admitted(), rules())
     assert value.state is S.UPLOADING and actions == (Upload(),)
+
+
+def test_failed_upload_with_its_staged_file_intact_uploads_again_without_a_put() -> None:
+    failed = fresh(S.FAILED, bytes=5, sha256="s", error_code="store_error")
+    value, actions = step(
+        failed, Loaded(False, False, staged_intact=True), rules(object_store=True)
+    )
+    assert value.state is S.UPLOADING and value.recovering and actions == ()
+    value, actions = step(value, Admitted(), rules(object_store=True))
+    assert value.state is S.UPLOADING and not value.recovering and actions == (Upload(),)
+    done, actions = step(value, Uploaded(), rules(object_store=True))
+    assert done.state is S.DONE and done.record.error_code is None
+    assert actions == (Finish(Outcome.DOWNLOADED),)
+
+
+@pytest.mark.parametrize(
+    ("staged", "force", "object_store"),
+    [(False, False, True), (True, True, True), (True, False, False)],
+)
+def test_failed_job_is_queued_when_its_staged_file_cannot_be_used(
+    staged: bool, force: bool, object_store: bool
+) -> None:
+    failed = fresh(S.FAILED, bytes=5, sha256="s")
+    r = rules(object_store=object_store)
+    value, actions = step(failed, Loaded(False, force, staged_intact=staged), r)
+    assert value.state is S.QUEUED and not value.recovering and actions == ()
 
 
 @pytest.mark.parametrize("state", [S.QUEUED, S.READY, S.DOWNLOADING, S.VERIFYING, S.PREPARING])

@@ -235,6 +235,78 @@ async def test_refused_credentials_mid_run_open_the_breaker(
     assert len(s3_server.objects(BUCKET, url.prefix)) == 12
 
 
+async def test_upload_with_retries_spent_is_uploaded_from_the_staged_file_next_run(
+    sandbox: Sandbox, s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = _url()
+    specs = specs_from(sandbox, 3)
+    broken = url.key_for(specs[1].relpath)
+    proxy.answer = lambda seen: 503 if seen.path == f"/{BUCKET}/{broken}" else None
+    store = MemoryStore()
+    staging = tmp_path / "staging"
+    first = await run_s3(sandbox, specs, staging, url, store)
+    assert first.exit_code == 1
+    assert [(job.outcome, job.error_code) for job in first.jobs] == [
+        (Outcome.DOWNLOADED, None),
+        (Outcome.FAILED, "store_error"),
+        (Outcome.DOWNLOADED, None),
+    ]
+    # The policy's 3 retries: 4 PutObject answered 503 by the proxy, nothing reached the store.
+    refused = [seen for seen in proxy.requests if seen.path == f"/{BUCKET}/{broken}"]
+    assert [(seen.operation, seen.status) for seen in refused] == [("PutObject", 503)] * 4
+    assert set(s3_server.objects(BUCKET, url.prefix)) == {
+        url.key_for(specs[0].relpath),
+        url.key_for(specs[2].relpath),
+    }
+    staged = staging / specs[1].relpath
+    assert hashlib.sha256(staged.read_bytes()).hexdigest() == served(sandbox, specs[1])
+
+    # The store works again: the next run uploads the staged file, with no API PUT or storage GET.
+    proxy.answer = None
+    await sandbox.idle()
+    sandbox.requests.clear()
+    proxy.requests.clear()
+    again = await run_s3(sandbox, specs, staging, url, store)
+    assert again.exit_code == 0
+    assert [job.outcome for job in again.jobs] == [
+        Outcome.SKIPPED,
+        Outcome.DOWNLOADED,
+        Outcome.SKIPPED,
+    ]
+    assert sandbox.requests == []
+    assert proxy.operations() == ["HeadBucket", "PutObject"]
+    data, metadata = s3_server.get(broken)
+    assert hashlib.sha256(data).hexdigest() == served(sandbox, specs[1]) == metadata["sha256"]
+    assert not staged.exists()
+    record = (await store.load_many([job_key(specs[1])]))[job_key(specs[1])]
+    assert (record.state, record.error_code) == (JobState.DONE, None)
+
+
+async def test_a_changed_staged_file_is_downloaded_again_not_uploaded(
+    sandbox: Sandbox, s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    url = _url()
+    specs = specs_from(sandbox, 1)
+    proxy.answer = lambda seen: 503 if seen.operation == "PutObject" else None
+    store = MemoryStore()
+    staging = tmp_path / "staging"
+    assert (await run_s3(sandbox, specs, staging, url, store)).exit_code == 1
+    staged = staging / specs[0].relpath
+    data = bytearray(staged.read_bytes())
+    data[100] ^= 0x01  # same size, another sha256: no longer the verified package
+    staged.write_bytes(bytes(data))
+
+    proxy.answer = None
+    await sandbox.idle()
+    sandbox.requests.clear()
+    again = await run_s3(sandbox, specs, staging, url, store)
+    assert again.exit_code == 0
+    assert len(sandbox.requests_to("api", "PUT")) >= 1
+    assert len(sandbox.requests_to("storage", "GET")) == 1
+    body, metadata = s3_server.get(url.key_for(specs[0].relpath))
+    assert hashlib.sha256(body).hexdigest() == served(sandbox, specs[0]) == metadata["sha256"]
+
+
 async def test_multipart_package_through_the_runner(
     s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -33,6 +33,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import re
@@ -40,7 +41,7 @@ import stat
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from aiobotocore.config import AioConfig
@@ -358,16 +359,91 @@ def _plan(size: int, part_size: int) -> list[_Part]:
     ]
 
 
-def _read(path: Path, part: _Part) -> tuple[bytes, bytes]:
-    """Read one part of the staged file; return its bytes and their MD5 digest."""
+#: Bytes read at a time while hashing a part or sending it (the only part bytes held in memory).
+_CHUNK = 1024 * 1024
+
+
+def _part_md5(path: Path, part: _Part) -> bytes:
+    """Return the MD5 digest of one part of the staged file, read in :data:`_CHUNK` pieces.
+
+    Raises:
+        ObjectStoreError: ``local_io``: the staged file is shorter than recorded.
+    """
+    digest = hashlib.md5()
     with path.open("rb") as handle:
         handle.seek(part.offset)
-        data = handle.read(part.size)
-    if len(data) != part.size:
-        raise ObjectStoreError(
-            f"the staged file {path} is shorter than recorded", code="local_io", retryable=False
-        )
-    return data, hashlib.md5(data).digest()
+        left = part.size
+        while left > 0:
+            chunk = handle.read(min(_CHUNK, left))
+            if not chunk:
+                raise ObjectStoreError(
+                    f"the staged file {path} is shorter than recorded",
+                    code="local_io",
+                    retryable=False,
+                )
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.digest()
+
+
+class _PartReader(io.RawIOBase):
+    """One part of the staged file as a seekable stream of its own (offset 0 = the part's start).
+
+    The request body of a part: botocore hashes it and aiohttp sends it in small reads, so a
+    part is never held in memory whole (a ``bytes`` body is copied once more by aiohttp's
+    ``BytesIOPayload``: 2 x 16 MiB per part in flight). No ``fileno()``: the length is the part's.
+    """
+
+    def __init__(self, path: Path, part: _Part) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._start = part.offset
+        self._size = part.size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        """Return True: the part can be read."""
+        return True
+
+    def seekable(self) -> bool:
+        """Return True: botocore rewinds the body after hashing it."""
+        return True
+
+    def tell(self) -> int:
+        """Return the position in the part (bytes)."""
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Move within the part (clamped to it); return the new position (bytes)."""
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = min(max(0, base + offset), self._size)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        """Read at least :data:`_CHUNK` bytes (or up to the part's end) when ``size`` is smaller.
+
+        aiohttp asks for 64 KiB at a time, each read a hop to a worker thread: 1 MiB reads cost
+        a sixteenth of those hops (a 1 GiB upload took 1.5x as long with 64 KiB reads).
+        """
+        if size is not None and 0 <= size < _CHUNK:
+            size = _CHUNK
+        return super().read(size) or b""
+
+    def readinto(self, buffer: Any) -> int:
+        """Read up to ``len(buffer)`` bytes of the part into ``buffer``; return how many."""
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), self._size - self._pos)
+        if wanted <= 0:
+            return 0
+        count = os.preadv(self._fd, [view[:wanted]], self._start + self._pos)
+        self._pos += count
+        return count
+
+    def close(self) -> None:
+        """Close the file descriptor."""
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 class S3Store:
@@ -578,16 +654,17 @@ class S3Store:
         part = _Part(number=1, offset=0, size=size)
 
         async def put() -> Any:
-            data, md5 = await asyncio.to_thread(_read, path, part)
-            return await self._client.put_object(
-                Bucket=self.url.bucket,
-                Key=key,
-                Body=data,
-                ContentLength=size,
-                ContentMD5=base64.b64encode(md5).decode("ascii"),
-                ContentType="application/zip",
-                Metadata={"sha256": sha256},
-            )
+            md5 = await asyncio.to_thread(_part_md5, path, part)
+            with _PartReader(path, part) as body:
+                return await self._client.put_object(
+                    Bucket=self.url.bucket,
+                    Key=key,
+                    Body=cast("IO[bytes]", body),
+                    ContentLength=size,
+                    ContentMD5=base64.b64encode(md5).decode("ascii"),
+                    ContentType="application/zip",
+                    Metadata={"sha256": sha256},
+                )
 
         answer = await self._call("PutObject", job_key, put)
         if on_bytes is not None:
@@ -682,17 +759,18 @@ class S3Store:
 
                 async def put() -> Any:
                     # Read again for every attempt: a refused part is re-sent from the staged file.
-                    data, md5 = await asyncio.to_thread(_read, path, part)
+                    md5 = await asyncio.to_thread(_part_md5, path, part)
                     md5s[part.number] = md5
-                    return await self._client.upload_part(
-                        Bucket=self.url.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=part.number,
-                        Body=data,
-                        ContentLength=part.size,
-                        ContentMD5=base64.b64encode(md5).decode("ascii"),
-                    )
+                    with _PartReader(path, part) as body:
+                        return await self._client.upload_part(
+                            Bucket=self.url.bucket,
+                            Key=key,
+                            UploadId=upload_id,
+                            PartNumber=part.number,
+                            Body=cast("IO[bytes]", body),
+                            ContentLength=part.size,
+                            ContentMD5=base64.b64encode(md5).decode("ascii"),
+                        )
 
                 await self._call("UploadPart", job_key, put)
             if on_bytes is not None:
@@ -761,7 +839,7 @@ class S3Store:
                 match = _PLAIN_ETAG.match(str(listed.get("ETag", "")))
                 if part is None or int(listed["Size"]) != part.size or not match:
                     return None
-                _, md5 = await asyncio.to_thread(_read, path, part)
+                md5 = await asyncio.to_thread(_part_md5, path, part)
                 if md5.hex() != match.group(1):
                     return None
                 held[part.number] = md5

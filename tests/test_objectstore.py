@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -569,3 +570,25 @@ async def test_no_permission_to_list_uploads_means_a_fresh_multipart_upload(
     assert proxy.operations()[:2] == ["ListMultipartUploads", "CreateMultipartUpload"]
     data, metadata = s3_server.get(url.key_for("p.zip"))
     assert hashlib.sha256(data).hexdigest() == sha == metadata["sha256"]
+
+
+def test_a_part_is_sent_as_a_stream_of_the_staged_file_not_held_in_memory(tmp_path: Path) -> None:
+    from batch_export.objectstore import _Part, _part_md5, _PartReader
+
+    data = bytes(range(256)) * 12_288  # 3 MiB
+    staged = tmp_path / "p.zip"
+    staged.write_bytes(data)
+    part = _Part(number=2, offset=1_000_000, size=1_500_000)
+    expected = data[1_000_000:2_500_000]
+    assert _part_md5(staged, part) == hashlib.md5(expected).digest()
+    with _PartReader(staged, part) as body:
+        first = body.read(65_536)  # aiohttp's read size: answered with 1 MiB (fewer thread hops)
+        assert first == expected[: 1024 * 1024] and body.tell() == 1024 * 1024
+        assert body.read(65_536) == expected[1024 * 1024 :]  # never past the part's end
+        assert body.read(65_536) == b""
+        assert body.seek(0) == 0 and body.read() == expected  # rewound for a retry or a hash
+        assert body.seek(10, io.SEEK_END) == part.size
+    short = _Part(number=1, offset=2_000_000, size=2_000_000)
+    with pytest.raises(ObjectStoreError) as caught:
+        _part_md5(staged, short)
+    assert caught.value.code == "local_io"

@@ -96,7 +96,9 @@ async def run_export(
             exit_code=0, run_id=run_id, plan=tuple(plan_lines(manifest, settings, specs))
         )
     api_key = options.api_key or resolve_api_key(manifest)
-    check_environment(redactor=redactor)  # proxy/CA variables: a bad one is a usage error
+    check_environment(
+        redactor=redactor, api_url=settings.api_url
+    )  # proxy/CA variables: a bad one is a usage error
     files = {
         option: path
         for option, path in (("--report", options.report), ("--metrics-file", options.metrics_file))

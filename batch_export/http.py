@@ -270,21 +270,34 @@ def tls_context(environ: Mapping[str, str] | None = None) -> ssl.SSLContext:
 
 
 def check_environment(
-    environ: Mapping[str, str] | None = None, *, redactor: Redactor | None = None
+    environ: Mapping[str, str] | None = None,
+    *,
+    redactor: Redactor | None = None,
+    api_url: str | None = None,
 ) -> None:
     """Check the proxy and CA variables before a run starts (so a bad one is one line, exit 2).
 
     Args:
         environ: where the variables are read (default: ``os.environ``).
         redactor: learns the proxy passwords at once, before anything is logged.
+        api_url: the run's API base URL: a plain-http one that a proxy would carry is refused
+            here once, rather than as ``proxy_plain_http`` in every job.
 
     Raises:
-        UsageError: as :meth:`ProxyRules.from_env` and :func:`tls_context` do.
+        UsageError: as :meth:`ProxyRules.from_env` and :func:`tls_context` do, or the key would
+            reach a proxy in clear.
     """
     proxies = ProxyRules.from_env(environ)
     if redactor is not None:
         for secret in proxies.secrets:
             redactor.add(secret)
+    proxy = proxies.proxy_for(api_url) if api_url is not None else None
+    if proxy is not None and api_url is not None and URL(api_url).scheme == "http":
+        raise UsageError(
+            f"proxy_plain_http: the API URL is plain http and {proxy.source} sends it through the "
+            f"proxy {proxy.address}: the key would reach the proxy in clear; use https, or list "
+            "the API host in NO_PROXY"
+        )
     tls_context(environ)
 
 

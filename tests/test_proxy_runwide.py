@@ -92,3 +92,32 @@ def test_a_proxy_refusing_connections_stops_the_run_once(tmp_path: Path) -> None
     breaker_lines = [line for line in proc.stderr.splitlines() if "circuit breaker open" in line]
     assert len(breaker_lines) == 1
     assert f"proxy 127.0.0.1:{port} (HTTPS_PROXY)" in breaker_lines[0]
+
+
+def test_a_plain_http_api_a_proxy_would_carry_is_refused_once_at_start(tmp_path: Path) -> None:
+    port = _closed_port()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "batch_export",
+            "run",
+            str(_manifest(tmp_path, 30)),
+            "--api-url",
+            "http://api.example.test",
+            "--allow-http",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(PIXXEL_API_KEY="k", HTTP_PROXY=f"http://u:{PASSWORD}@127.0.0.1:{port}"),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"batch-export: proxy_plain_http: the API URL is plain http and HTTP_PROXY sends it "
+        f"through the proxy 127.0.0.1:{port}: the key would reach the proxy in clear; use "
+        "https, or list the API host in NO_PROXY"
+    ]
+    assert not (tmp_path / "out").exists()  # nothing started

@@ -91,6 +91,13 @@ def db_states(out: Path) -> dict[str, tuple[str, str]]:
     return {key: (state, relpath) for key, state, relpath in rows}
 
 
+def wait_for_requests(proc: subprocess.Popen[bytes], sandbox: Sandbox, count: int) -> None:
+    """Return once the sandbox has recorded ``count`` requests, the process ended, or 60 s passed."""
+    deadline = time.monotonic() + 60.0
+    while len(sandbox.requests) < count and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def job_of_put(request_body: bytes, path: str) -> tuple[str, str]:
     return path, request_body.decode()
 
@@ -122,7 +129,10 @@ def test_kill_9_at_random_moments_then_rerun(sandbox: Sandbox, tmp_path: Path) -
             stderr=subprocess.DEVNULL,
             env=env(),
         )
-        time.sleep(rng.uniform(0.5, 1.5))  # the moment to kill at (not a timing assertion)
+        # The moment to kill at: after a random number of this run's requests reached the
+        # sandbox (not a wall-clock delay, which a loaded machine's slow start-up would turn into
+        # kills that all land before the first request).
+        wait_for_requests(proc, sandbox, len(sandbox.requests) + rng.randint(1, 30))
         proc.kill()
         proc.wait()
         kills += 1

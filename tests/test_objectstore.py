@@ -256,7 +256,14 @@ async def test_server_errors_spent_abort_the_upload(
     assert caught.value.code == "store_error"
     assert caught.value.http_status == 503
     assert [p.status for p in _parts(proxy) if p.query["partNumber"] == "2"] == [503, 503, 503]
-    assert proxy.operations()[-1] == "AbortMultipartUpload"
+    # Part 1, cancelled with the group, may reach the proxy's log after the abort (its body is
+    # still being read there), so it is left out of the order; the server holds no upload.
+    order = [
+        seen.operation
+        for seen in proxy.requests
+        if not (seen.operation == "UploadPart" and seen.query["partNumber"] == "1")
+    ]
+    assert order[-1] == "AbortMultipartUpload"
     assert s3_server.uploads(BUCKET, url.prefix) == []
     assert s3_server.objects(BUCKET, url.prefix) == {}
 

@@ -477,6 +477,8 @@ class S3Store:
         self._concurrency = max(1, concurrency)
         self._endpoint = endpoint
         self._secrets: list[str] = []
+        #: Requests sent to the store (every attempt), for the report's ``requests.store``.
+        self.requests_sent = 0
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -903,6 +905,7 @@ class S3Store:
         """
         budget = self._retry.budget(job_key)
         while True:
+            self.requests_sent += 1
             try:
                 return await request()
             except (ClientError, BotoCoreError) as exc:
@@ -990,6 +993,11 @@ class ObjectUploader:
         self._store = store
         self._check_existing = check_existing
         self._concurrency = max(1, concurrency)
+
+    @property
+    def requests_sent(self) -> int:
+        """Requests sent to the object store so far (every attempt, the start-up check too)."""
+        return self._store.requests_sent
 
     def key_of(self, relpath: str) -> str:
         """Return the object key of the package at output path ``relpath``."""

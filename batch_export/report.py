@@ -51,6 +51,7 @@ def build_report(
         "requests": {
             "api": result.api_requests if result else 0,
             "storage": result.storage_requests if result else 0,
+            "store": result.store_requests if result else 0,
             "throttled": result.throttled if result else 0,
         },
         "jobs": [_job_entry(job) for job in jobs],

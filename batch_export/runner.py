@@ -155,6 +155,11 @@ class Uploader(Protocol):
         """Tell whether a failed job's staged file is still its verified package (size, sha256)."""
         ...
 
+    @property
+    def requests_sent(self) -> int:
+        """Requests sent to the object store so far (every attempt)."""
+        ...
+
 
 class _Stop(Exception):
     """Downloads were stopped (local disk failure): leave the job pending."""
@@ -337,6 +342,7 @@ class Runner:
             api_by_status=dict(self._client.stats.by_status or {}),
             breaker=self._breaker_report(),
             discovery=self._discovered.entries,
+            store_requests=self._uploader.requests_sent if self._uploader is not None else 0,
         )
 
     def _make_downloader(self, session: HttpSession) -> Downloader:

@@ -450,6 +450,8 @@ class RunResult:
     Attributes:
         jobs: one result per job, in manifest order.
         api_requests, storage_requests: requests sent to the API and to storage.
+        store_requests: requests sent to the object store (object-store output; 0 otherwise),
+            every attempt counted, the start-up check included.
         throttled: API requests answered 429.
         wall_seconds: the run's wall time.
         stopped_by: ``"SIGINT"``, ``"SIGTERM"``, ``"SIGHUP"``, ``"max_runtime"``, ``"cancelled"``
@@ -471,6 +473,7 @@ class RunResult:
     fatal: Problem | None = None
     breaker: Mapping[str, object] | None = None
     discovery: tuple[DiscoveryEntry, ...] = ()
+    store_requests: int = 0
 
     def count(self, outcome: Outcome) -> int:
         """Number of jobs with ``outcome``."""

@@ -130,6 +130,9 @@ def test_ten_packages_into_a_bucket_then_a_silent_rerun(
     folder = state_dir(manifest, "nightly-cli")
     assert set(db_states(folder).values()) == {"done"}
     assert [p for p in (folder / "staging").rglob("*") if p.is_file()] == []
+    (report,) = [json.loads(p.read_text()) for p in (folder / "reports").glob("*.json")]
+    assert report["requests"]["store"] == len(proxy.requests) == 11  # HeadBucket + 10 PutObject
+    assert report["requests"]["storage"] == 10
 
     # No credential anywhere: stderr, the report, the state store, status.
     status = subprocess.run(

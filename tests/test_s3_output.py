@@ -121,6 +121,7 @@ async def test_ten_packages_end_as_ten_verified_objects(
     result = await run_s3(sandbox, specs, tmp_path / "staging", url, store)
     assert result.exit_code == 0
     assert [job.outcome for job in result.jobs] == [Outcome.DOWNLOADED] * 10
+    assert result.store_requests == len(proxy.requests) == 11  # HeadBucket + 10 PutObject
     assert early == []  # no object was under its final key before its upload completed
     objects = s3_server.objects(BUCKET, url.prefix)
     assert set(objects) == keys
@@ -145,6 +146,7 @@ async def test_ten_packages_end_as_ten_verified_objects(
     assert [job.outcome for job in again.jobs] == [Outcome.SKIPPED] * 10
     assert sandbox.requests == []
     assert proxy.operations() == ["HeadBucket"]  # the start-up check, once
+    assert again.store_requests == 1
 
 
 async def test_check_existing_heads_done_objects_and_reexports_missing_ones(
@@ -254,6 +256,7 @@ async def test_upload_with_retries_spent_is_uploaded_from_the_staged_file_next_r
     # The policy's 3 retries: 4 PutObject answered 503 by the proxy, nothing reached the store.
     refused = [seen for seen in proxy.requests if seen.path == f"/{BUCKET}/{broken}"]
     assert [(seen.operation, seen.status) for seen in refused] == [("PutObject", 503)] * 4
+    assert first.store_requests == len(proxy.requests) == 1 + 2 + 4  # every attempt
     assert set(s3_server.objects(BUCKET, url.prefix)) == {
         url.key_for(specs[0].relpath),
         url.key_for(specs[2].relpath),
@@ -275,6 +278,7 @@ async def test_upload_with_retries_spent_is_uploaded_from_the_staged_file_next_r
     ]
     assert sandbox.requests == []
     assert proxy.operations() == ["HeadBucket", "PutObject"]
+    assert again.store_requests == 2
     data, metadata = s3_server.get(broken)
     assert hashlib.sha256(data).hexdigest() == served(sandbox, specs[1]) == metadata["sha256"]
     assert not staged.exists()

@@ -1007,8 +1007,12 @@ class ObjectUploader:
         """Return the object URL of the package at output path ``relpath``: ``s3://bucket/key``."""
         return f"{self._store.url.scheme}://{self._store.url.bucket}/{self.key_of(relpath)}"
 
-    async def upload(self, job: Job, staged: Path) -> None:
+    async def upload(
+        self, job: Job, staged: Path, on_bytes: Callable[[int], None] | None = None
+    ) -> None:
         """Upload the staged, verified package of ``job`` (size and sha256 from its record).
+
+        ``on_bytes(n)`` is called as parts are confirmed (progress, bytes).
 
         When the staged file is gone (a crash after the store confirmed the upload but before
         ``done`` was saved), a HEAD that finds the object with the recorded size and sha256 is
@@ -1040,7 +1044,12 @@ class ObjectUploader:
                 retryable=False,
             )
         await self._store.upload(
-            staged, key, size=record.bytes, sha256=record.sha256, job_key=job.key
+            staged,
+            key,
+            size=record.bytes,
+            sha256=record.sha256,
+            job_key=job.key,
+            on_bytes=on_bytes,
         )
         await asyncio.to_thread(_remove_staged, staged)
 

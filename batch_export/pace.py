@@ -61,12 +61,14 @@ class Snapshot:
         bytes: bytes downloaded in this run.
         rate: download rate in bytes/s measured while downloads ran; None before any byte.
         eta: seconds until every job is through, or None while it cannot be measured.
+        uploaded: bytes the object store confirmed in this run (object-store output; SPEC §8).
     """
 
     counts: dict[str, int]
     bytes: int
     rate: float | None
     eta: float | None
+    uploaded: int = 0
 
 
 @dataclass(slots=True)
@@ -93,6 +95,7 @@ class Tally:
     request_rate: Callable[[], float]
     _jobs: dict[str, _JobPace] = field(default_factory=dict)
     _bytes: int = 0
+    _uploaded: int = 0
     _active_downloads: int = 0
     _active_since: float = 0.0
     _download_seconds: float = 0.0  # time during which at least one download was running
@@ -131,6 +134,10 @@ class Tally:
         pace.bytes_done, pace.bytes_total = job.bytes_done, job.bytes_total
         self._note_size(job)
 
+    def job_uploaded(self, job: Job, count: int) -> None:
+        """Count ``count`` more bytes of ``job`` the object store confirmed."""
+        self._uploaded += count
+
     def job_finished(self, result: JobResult) -> None:
         """A skipped job counts as done, an abandoned one as abandoned; the others told their state."""
         pace = self._jobs.setdefault(result.key, _JobPace())
@@ -156,7 +163,13 @@ class Tally:
         if self._active_downloads:
             seconds += now - self._active_since
         rate = self._bytes / seconds if self._bytes and seconds > 0 else None
-        return Snapshot(counts=counts, bytes=self._bytes, rate=rate, eta=self._eta(counts, rate))
+        return Snapshot(
+            counts=counts,
+            bytes=self._bytes,
+            rate=rate,
+            eta=self._eta(counts, rate),
+            uploaded=self._uploaded,
+        )
 
     def _eta(self, counts: dict[str, int], rate: float | None) -> float | None:
         unseen = self.total - len(self._jobs)
@@ -247,4 +260,5 @@ def progress_line(snapshot: Snapshot) -> str:
     )
     rate = human_size(snapshot.rate or 0.0)
     eta = "unknown" if snapshot.eta is None else human_duration(snapshot.eta)
-    return f"progress: {counts} | {human_size(snapshot.bytes)} at {rate}/s | ETA {eta}"
+    uploaded = f" | uploaded {human_size(snapshot.uploaded)}" if snapshot.uploaded else ""
+    return f"progress: {counts} | {human_size(snapshot.bytes)} at {rate}/s{uploaded} | ETA {eta}"

@@ -72,6 +72,13 @@ class FanOut:
         for observer in self._observers:
             observer.job_bytes(job, count)
 
+    def job_uploaded(self, job: Job, count: int) -> None:
+        """Forward to the observers that have ``job_uploaded`` (an optional method)."""
+        for observer in self._observers:
+            uploaded = getattr(observer, "job_uploaded", None)
+            if uploaded is not None:
+                uploaded(job, count)
+
     def job_finished(self, result: JobResult) -> None:
         """Forward."""
         for observer in self._observers:
@@ -186,6 +193,7 @@ class ProgressDisplay:
         )
         self._counts = {outcome: 0 for outcome in Outcome}
         self._bytes = 0
+        self._uploaded = 0  # bytes the object store confirmed
         self._started = time.monotonic()
         self._active: dict[str, TaskID] = {}
         self._downloads = Progress(
@@ -216,6 +224,8 @@ class ProgressDisplay:
         text.append(f" · {failed} failed", style="bold red" if failed else "")
         text.append(f" · {pending} to go")
         text.append(f" | {_size(self._bytes)} at {_size(self._bytes / elapsed)}/s")
+        if self._uploaded:
+            text.append(f" · {_size(self._uploaded)} uploaded")
         if self._limiter is not None:
             stats = self._limiter()
             text.append(f" | API {_num(stats.rate)}/{_num(stats.target_rate)} req/s")
@@ -260,6 +270,11 @@ class ProgressDisplay:
         if task is not None:
             self._downloads.update(task, completed=job.bytes_done, total=job.bytes_total)
 
+    def job_uploaded(self, job: Job, count: int) -> None:
+        """Count ``count`` more bytes the object store confirmed."""
+        self.tally.job_uploaded(job, count)
+        self._uploaded += count
+
     def job_finished(self, result: JobResult) -> None:
         """Count the outcome; drop the job's bar."""
         self.tally.job_finished(result)
@@ -301,6 +316,7 @@ class ProgressLog:
                 "bytes": snapshot.bytes,
                 "bytes_per_second": None if snapshot.rate is None else round(snapshot.rate),
                 "eta_seconds": None if snapshot.eta is None else round(snapshot.eta),
+                "uploaded_bytes": snapshot.uploaded,
             },
         )
 

@@ -132,8 +132,12 @@ STATE_STORE = "state_store"
 class Uploader(Protocol):
     """Uploads a staged, verified package to the object store (SPEC §8)."""
 
-    async def upload(self, job: Job, staged: Path) -> None:
+    async def upload(
+        self, job: Job, staged: Path, on_bytes: Callable[[int], None] | None = None
+    ) -> None:
         """Upload ``staged`` as ``job``'s object; return once the store confirmed it.
+
+        ``on_bytes(n)``: ``n`` more bytes confirmed by the store (progress).
 
         Raises:
             JobError: the upload failed (the job fails with its code).
@@ -698,7 +702,9 @@ class Runner:
         if self._uploader is None:
             raise IllegalTransition("an upload was asked for, but the output is local")
         try:
-            await self._uploader.upload(job, job.final)
+            await self._uploader.upload(
+                job, job.final, lambda count: self._observer.job_uploaded(job, count)
+            )
         except JobError as exc:
             problem = self._problem(exc)
             if problem.code == "store_auth":  # the credentials, not this job (SPEC §8, §9)
@@ -929,6 +935,15 @@ class _Guarded:
     def job_bytes(self, job: Job, count: int) -> None:
         try:
             self._inner.job_bytes(job, count)
+        except Exception as exc:  # pragma: no cover
+            log.error("progress observer failed: %s: %s", type(exc).__name__, exc)
+
+    def job_uploaded(self, job: Job, count: int) -> None:
+        # Optional (object-store output): observers without it are not told (SPEC §8).
+        try:
+            uploaded = getattr(self._inner, "job_uploaded", None)
+            if uploaded is not None:
+                uploaded(job, count)
         except Exception as exc:  # pragma: no cover
             log.error("progress observer failed: %s: %s", type(exc).__name__, exc)
 

@@ -220,3 +220,16 @@ def test_terminal_display_shows_the_same_counts_and_eta() -> None:
         "queued 2 requesting 1 preparing 0 downloading 0 done 0 failed 0 | 0 B at 0 B/s | ETA unknown"
         in console.export_text()
     )
+
+
+def test_bytes_the_object_store_confirmed_are_on_the_progress_line() -> None:
+    run = Run(total=1)
+    job = run.to(0, JobState.UPLOADING)
+    run.tally.job_uploaded(job, 3 * 1024 * 1024)
+    run.tally.job_uploaded(job, 1024 * 1024)
+    snapshot = run.tally.snapshot()
+    assert snapshot.uploaded == 4 * 1024 * 1024
+    assert progress_line(snapshot).split(" | ")[1:3] == [
+        "0 B at 0 B/s",
+        "uploaded 4.2 MB",
+    ]  # SI units, as the byte count

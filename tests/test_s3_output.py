@@ -23,6 +23,7 @@ from batch_export.retry import RetryPolicy
 from batch_export.runner import Outcome, Runner, RunResult
 from batch_export.sandbox import Sandbox, SandboxConfig
 from batch_export.store import MemoryStore
+from batch_export.types import Job
 from tests.s3server import (
     AWS_USER_VARIABLES,
     BUCKET,
@@ -83,6 +84,7 @@ async def run_s3(
     *,
     check_existing: bool = False,
     part_size: int = 5 * MiB,
+    observer: Recorder | None = None,
     **changes: object,
 ) -> RunResult:
     async with uploader(url, check_existing=check_existing, part_size=part_size) as up:
@@ -91,7 +93,7 @@ async def run_s3(
             specs,
             api_key=KEY,
             store=store,
-            observer=Recorder(),
+            observer=observer or Recorder(),
             uploader=up,
         )
         return await runner.run()
@@ -311,13 +313,27 @@ async def test_a_changed_staged_file_is_downloaded_again_not_uploaded(
     assert hashlib.sha256(body).hexdigest() == served(sandbox, specs[0]) == metadata["sha256"]
 
 
+class UploadRecorder(Recorder):
+    """A Recorder that also records the uploaded bytes each job's progress reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uploaded: list[tuple[str, int]] = []
+
+    def job_uploaded(self, job: Job, count: int) -> None:
+        self.uploaded.append((job.key, count))
+
+
 async def test_multipart_package_through_the_runner(
     s3_server: SeaweedS3, proxy: S3Proxy, s3_env: dict[str, str], tmp_path: Path
 ) -> None:
     async with Sandbox(SandboxConfig(keys=(KEY,), asset_size=6 * MiB, rate=None)) as sandbox:
         url = _url()
         specs = specs_from(sandbox, 1)
-        result = await run_s3(sandbox, specs, tmp_path / "staging", url, MemoryStore())
+        observer = UploadRecorder()
+        result = await run_s3(
+            sandbox, specs, tmp_path / "staging", url, MemoryStore(), observer=observer
+        )
         assert result.exit_code == 0
         data, metadata = s3_server.get(url.key_for(specs[0].relpath))
         assert len(data) > 5 * MiB
@@ -325,6 +341,11 @@ async def test_multipart_package_through_the_runner(
     parts = [seen for seen in proxy.requests if seen.operation == "UploadPart"]
     assert len(parts) == -(-len(data) // (5 * MiB))
     assert all(seen.headers.get("content-md5") for seen in parts)
+    # Every part's bytes reached the progress observer once confirmed: the package, in parts.
+    assert sorted(count for _, count in observer.uploaded) == sorted(
+        [5 * MiB] * (len(parts) - 1) + [len(data) - 5 * MiB * (len(parts) - 1)]
+    )
+    assert {key for key, _ in observer.uploaded} == {job_key(specs[0])}
 
 
 async def test_python_api_exports_into_a_bucket(

@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,6 @@ from batch_export.types import Job, JobRecord, JobState
 from tests.fakes import FakeClock
 from tests.s3server import (
     ACCESS_KEY,
-    AWS_USER_VARIABLES,
     BUCKET,
     READER_ACCESS_KEY,
     READER_SECRET_KEY,
@@ -49,7 +47,6 @@ from tests.s3server import (
     S3Proxy,
     SeaweedS3,
     Seen,
-    s3_environ,
 )
 
 pytestmark = pytest.mark.anyio
@@ -118,24 +115,6 @@ def test_store_secrets() -> None:
 
 
 # ------------------------------------------------------------------------------ real server
-
-
-@pytest.fixture
-async def proxy(s3_server: SeaweedS3) -> AsyncIterator[S3Proxy]:
-    recorder = S3Proxy(upstream=s3_server.endpoint)
-    await recorder.start()
-    yield recorder
-    await recorder.close()
-
-
-@pytest.fixture
-def s3_env(proxy: S3Proxy, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name in AWS_USER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    env = s3_environ(proxy.url)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
 
 
 def _policy(retries: int = 3) -> RetryPolicy:

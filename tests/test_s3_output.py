@@ -25,7 +25,6 @@ from batch_export.sandbox import Sandbox, SandboxConfig
 from batch_export.store import MemoryStore
 from batch_export.types import Job
 from tests.s3server import (
-    AWS_USER_VARIABLES,
     BUCKET,
     READER_ACCESS_KEY,
     READER_SECRET_KEY,
@@ -33,7 +32,6 @@ from tests.s3server import (
     S3Proxy,
     SeaweedS3,
     Seen,
-    s3_environ,
 )
 from tests.test_e2e_runner import KEY, Recorder, served, settings, specs_from
 
@@ -45,24 +43,6 @@ MiB = 1024 * 1024
 async def sandbox() -> AsyncIterator[Sandbox]:
     async with Sandbox(SandboxConfig(keys=(KEY,), asset_size=20_000, rate=None)) as sb:
         yield sb
-
-
-@pytest.fixture
-async def proxy(s3_server: SeaweedS3) -> AsyncIterator[S3Proxy]:
-    recorder = S3Proxy(upstream=s3_server.endpoint)
-    await recorder.start()
-    yield recorder
-    await recorder.close()
-
-
-@pytest.fixture
-def s3_env(proxy: S3Proxy, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    for name in AWS_USER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    env = s3_environ(proxy.url)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
 
 
 @asynccontextmanager

@@ -32,6 +32,19 @@ class FakeClock:
         await anyio.lowlevel.checkpoint()
 
 
+class SandboxClock:
+    """The sandbox's wall clock (a callable giving epoch seconds), moved by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @contextmanager
 def sandbox_thread(config: SandboxConfig) -> Iterator[Sandbox]:
     """A sandbox on its own event loop in a thread, for tests that run the CLI as a subprocess."""

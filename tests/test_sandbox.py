@@ -33,30 +33,20 @@ from batch_export.sandbox import (
     Selection,
 )
 from batch_export.sandbox.cli import sandbox_command
+from tests.fakes import SandboxClock
 
 pytestmark = pytest.mark.anyio
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 
 
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+@pytest.fixture
+def clock() -> SandboxClock:
+    return SandboxClock(T0)
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def make_config(clock: FakeClock) -> Callable[..., SandboxConfig]:
+def make_config(clock: SandboxClock) -> Callable[..., SandboxConfig]:
     def make(**overrides: Any) -> SandboxConfig:
         values: dict[str, Any] = {"asset_size": 2048, "rate": None, "clock": clock}
         values.update(overrides)
@@ -177,7 +167,7 @@ async def test_fail_insights(
 
 
 async def test_prepare_seconds_uses_the_clock(
-    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig], clock: FakeClock
+    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig], clock: SandboxClock
 ) -> None:
     config = make_config(ready_after_puts=1, prepare_seconds=30)
     async with Sandbox(config) as sandbox:
@@ -308,7 +298,7 @@ async def test_permission_403(
 
 
 async def test_rate_limit_429_with_retry_after(
-    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig], clock: FakeClock
+    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig], clock: SandboxClock
 ) -> None:
     config = make_config(rate=10.0, burst=2, keys=(DEMO_KEY, "second-key"))
     async with Sandbox(config) as sandbox:
@@ -424,7 +414,7 @@ async def test_requoted_url_is_refused(
 
 
 async def test_expired_url_is_access_denied(
-    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig], clock: FakeClock
+    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig], clock: SandboxClock
 ) -> None:
     async with Sandbox(make_config(url_lifetime=60)) as sandbox:
         url = await ready_url(session, sandbox)
@@ -497,7 +487,7 @@ async def test_corrupt_package_fails_crc_but_matches_etag(
 
 
 async def test_recording_per_origin(
-    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig], clock: FakeClock
+    session: aiohttp.ClientSession, make_config: Callable[..., SandboxConfig], clock: SandboxClock
 ) -> None:
     async with Sandbox(make_config()) as sandbox:
         await put(session, sandbox, key="nope")

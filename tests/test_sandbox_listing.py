@@ -18,6 +18,7 @@ from batch_export.sandbox import (
     Sandbox,
     SandboxConfig,
 )
+from tests.fakes import SandboxClock
 
 pytestmark = pytest.mark.anyio
 
@@ -25,26 +26,13 @@ T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 KEY = {"Authorization": DEMO_KEY}
 
 
-class FakeClock:
-    """The sandbox's wall clock, moved by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+@pytest.fixture
+def clock() -> SandboxClock:
+    return SandboxClock(T0)
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def make_config(clock: FakeClock) -> Callable[..., SandboxConfig]:
+def make_config(clock: SandboxClock) -> Callable[..., SandboxConfig]:
     def make(**overrides: Any) -> SandboxConfig:
         values: dict[str, Any] = {"asset_size": 1024, "rate": None, "clock": clock}
         values.update(overrides)
@@ -194,7 +182,7 @@ async def test_insight_listing_shapes(
 async def test_admin_routes_add_and_finish_insights_the_put_accepts(
     make_config: Callable[..., SandboxConfig],
     session: aiohttp.ClientSession,
-    clock: FakeClock,
+    clock: SandboxClock,
 ) -> None:
     async with Sandbox(make_config()) as sandbox:
         aoi = sandbox.catalog.aois[1]
@@ -245,7 +233,7 @@ async def test_admin_routes_add_and_finish_insights_the_put_accepts(
 async def test_new_insight_every_follows_the_sandbox_clock(
     make_config: Callable[..., SandboxConfig],
     session: aiohttp.ClientSession,
-    clock: FakeClock,
+    clock: SandboxClock,
 ) -> None:
     async with Sandbox(make_config(new_insight_every=60.0)) as sandbox:
         before = [len(a.insights) for a in sandbox.catalog.aois]

@@ -218,6 +218,15 @@ class Breaker:
             return False
         return not self._suspect or self._take_probe(job)
 
+    def done(self, job: str) -> None:
+        """``job`` will send nothing more (its task ended, or the discover: listings are over).
+
+        Gives back its probe place, if it held one: a probe that ended without failing for good
+        (stopped, failed on its own disk, or the listings, which are no job: ``""``) would
+        otherwise keep it, and with :data:`PROBES` places taken no other job may ever send.
+        """
+        self._probes.discard(job)
+
     def _take_probe(self, job: str) -> bool:
         if job in self._probes:
             return True

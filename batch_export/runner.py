@@ -324,6 +324,7 @@ class Runner:
             self._downloader = self._make_downloader(storage_session)
             if self._discover is not None:
                 self._discovered = await self._discover(self._client)
+                self._sent_all("")  # the listings' attempts hold no probe place
                 first = len(self.specs)
                 self._preset = {first + i: p for i, p in self._discovered.failures.items()}
                 self.specs.extend(self._discovered.specs)
@@ -494,6 +495,7 @@ class Runner:
         finally:
             job.seconds = self._clock.monotonic() - job.started
             admission.release()
+            self._sent_all(job.key)
             held = self._held.get(job.key)
             if held is not None:  # its outcome waits for the breaker's verdict
                 held.finished = True
@@ -770,6 +772,11 @@ class Runner:
             self._breaker.no_answer(_CURRENT_JOB.get())
         else:
             self._heed(None, self._breaker.answered(status))
+        self._limiter.changed()
+
+    def _sent_all(self, job: str) -> None:
+        """``job`` (``""``: the discover: listings) sends no more API requests: free its probe."""
+        self._breaker.done(job)
         self._limiter.changed()
 
     def _heed(self, job: Job | None, verdict: Verdict) -> None:

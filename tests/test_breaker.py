@@ -173,3 +173,27 @@ def test_admission_takes_the_aois_in_turn_keeping_each_aois_order(
     items: list[str], expected: list[str]
 ) -> None:
     assert list(interleave_by_aoi(items, lambda item: item[0])) == expected
+
+
+def test_a_sender_that_is_done_frees_its_probe_place() -> None:
+    # A discover: listing is no job: its attempt without an answer took a probe place, and it
+    # never fails as a job would. Unless it gives the place back, two probes out of retries fill
+    # the PROBES places and every other job waits at the gate for ever (a run that never ends).
+    breaker = Breaker()
+    breaker.no_answer("")  # the listing's attempt (no job)
+    breaker.done("")  # the listing is over
+    assert unreachable(breaker, "j0").opened is None
+    assert unreachable(breaker, "j1").opened is None
+    assert breaker.may_send("j2")  # the third probe
+    assert unreachable(breaker, "j2").opened is not None
+
+
+def test_a_probe_whose_task_ended_otherwise_frees_its_place() -> None:
+    breaker = Breaker()
+    for n in range(PROBES):
+        breaker.no_answer(f"j{n}")
+    assert not breaker.may_send("j9")
+    breaker.done("j0")  # stopped, or failed on its own disk: it will send nothing more
+    assert breaker.may_send("j9")
+    breaker.done("j-unknown")  # a sender that held no place: nothing changes
+    assert not breaker.may_send("j10")

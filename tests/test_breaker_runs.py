@@ -198,3 +198,42 @@ async def test_403_on_one_aoi_of_three_does_not_open_it(
     }
     assert result.count(Outcome.FAILED) == 10 and result.exit_code == 1
     assert len(sandbox.requests_to("api", "PUT")) >= 30  # every job was asked for
+
+
+# ------------------------------------------- a discover: listing that cannot reach the API
+
+
+def test_an_unreachable_api_with_discover_selectors_ends_the_run(tmp_path: Path) -> None:
+    # The listing's attempts took a probe place and kept it: with two jobs out of retries the
+    # other jobs waited at the gate for ever and the run never ended (cron: a hung process).
+    manifest = tmp_path / "m.yaml"
+    lines = [
+        "version: 1",
+        f'api: {{url: "http://127.0.0.1:{closed_port()}"}}',
+        "limits: {retries: 1, rate: 50}",
+        "exports:",
+        *(f'  - {{aoi_id: "a{n}", insight_id: "b", outputs: ["x"]}}' for n in range(4)),
+        "discover:",
+        "  - {aois: all, outputs: all}",
+    ]
+    manifest.write_text("\n".join(lines) + "\n")
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "batch_export", "run", str(manifest)),
+            *("--report", str(report), "--progress-interval", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(PIXXEL_API_KEY="k"),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(report.read_text())
+    assert doc["counts"]["pending"] == 4 and doc["counts"]["failed"] == 0
+    assert doc["breaker"]["cause"] == "api_unreachable" and doc["breaker"]["jobs_in_a_row"] == 3
+    # The listing's 2 attempts, then 3 probe jobs' 2 attempts each; the fourth job sends nothing.
+    assert doc["requests"]["api"] == 2 + 3 * 2
+    assert [entry["error"]["code"] for entry in doc["discovery"]] == ["network_error"]
+    assert "Traceback" not in proc.stderr

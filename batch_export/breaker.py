@@ -17,6 +17,11 @@ Jobs whose failures count toward an opening are *held*: their outcome waits for 
 the breaker opens they are left ``pending`` like every unfinished job (nothing was wrong with them);
 when the streak breaks (a success, another code) they are *released* and fail as usual.
 
+Until an answer of this run has accepted the key (:attr:`Breaker.key_proven`), a 403 on one AOI
+alone (or of several codes) cannot be told from a bad key, so every 401/403 failure stays held; one
+still held when the run ends fails without counting toward abandoning its job (the runner's rule:
+a wrong or expired key must not abandon a small nightly's jobs, SPEC §9 extended).
+
 While the API looks unreachable (an attempt got no answer and none has been answered since), only
 :data:`PROBES` jobs may send (the *probes*, counting those already out of retries); the others
 wait. So an unreachable API costs ``PROBES`` jobs' retries plus the requests already under way when
@@ -174,7 +179,14 @@ class Breaker:
     _key: _Streak = field(default_factory=_Streak)
     _network: _Streak = field(default_factory=_Streak)
     _suspect: bool = False  # an attempt got no answer, and no answer came since
+    _key_proven: bool = False  # an answer of this run accepted the key
+    _doubtful: list[str] = field(default_factory=list)  # held 403s out of the streak, key unproven
     _probes: set[str] = field(default_factory=set)
+
+    @property
+    def key_proven(self) -> bool:
+        """Whether an answer of this run accepted the key (a 2xx, or a 4xx that is no 401/403/408/429)."""
+        return self._key_proven
 
     @property
     def key_failures(self) -> int:
@@ -199,7 +211,9 @@ class Breaker:
             400 <= status < 500 and status not in (401, 403) and status not in _NEUTRAL
         )
         if key_accepted:
-            released += self._key.reset()
+            self._key_proven = True
+            released += self._key.reset() + tuple(self._doubtful)
+            self._doubtful = []
         return Verdict(released=released) if released else _NOTHING
 
     def no_answer(self, job: str) -> None:
@@ -266,7 +280,7 @@ class Breaker:
         streak = self._key
         released: tuple[str, ...] = ()
         if streak.jobs and streak.code != code:
-            released = streak.reset()
+            released = self._release_or_doubt(streak.reset())
         streak.code = code
         streak.jobs += 1
         streak.aois.add(aoi)
@@ -277,10 +291,17 @@ class Breaker:
         if len(streak.held) >= KEY_STREAK:
             # One AOI only so far: most likely that AOI's own permission; let these fail, but keep
             # counting (a 403 of the same code on another AOI still opens the breaker).
-            released += tuple(streak.held)
+            released += self._release_or_doubt(tuple(streak.held))
             streak.held = []
-            return Verdict(released=released)
+            return Verdict(held=not self._key_proven, released=released)
         return Verdict(held=True, released=released)
+
+    def _release_or_doubt(self, jobs: tuple[str, ...]) -> tuple[str, ...]:
+        """``jobs`` out of the key streak: released once the key is proven, else kept held."""
+        if self._key_proven:
+            return jobs
+        self._doubtful.extend(jobs)
+        return ()
 
     def _network_failure(self, job: str, aoi: str, code: str, message: str) -> Verdict:
         streak = self._network

@@ -146,6 +146,7 @@ __all__ = [
     "next_poll_interval",
     "shard_of",
     "step",
+    "uncounted",
     "url_expiry",
 ]
 
@@ -592,6 +593,21 @@ def is_permanent(problem: Problem, *, from_api: bool) -> bool:
         return True
     status = problem.http_status
     return from_api and status is not None and 400 <= status < 500 and status not in (408, 429)
+
+
+def uncounted(value: JobValue) -> JobValue:
+    """``value``'s failure of this run, not counted toward abandoning the job (SPEC §9 extended).
+
+    For a 401/403 in a run where no answer accepted the key (the breaker's ``key_proven``): a
+    bad or expired key and a forbidden AOI look the same, so the run neither counts nor abandons.
+    The job stays ``failed`` (an ``abandoned`` verdict of this run is taken back: the step is
+    revised, not a transition) with one run fewer; ``failure_runs`` never goes below 0.
+    """
+    record = value.record
+    if record.state not in (_S.FAILED, _S.ABANDONED):
+        return value
+    runs = max(record.failure_runs - 1, 0)
+    return replace(value, record=record.evolve(state=_S.FAILED, failure_runs=runs))
 
 
 def _give_up(problem: Problem, rules: Rules, *, from_api: bool) -> int:

@@ -89,6 +89,7 @@ from batch_export.lifecycle import (
     is_url_expired,
     job_key,
     step,
+    uncounted,
     url_expiry,
 )
 from batch_export.manifest import ExportSpec
@@ -803,21 +804,46 @@ class Runner:
         Undoing the step is the breaker's one rule: the failure was not the job's, so the job is
         left as it stood before it (``requesting``/``preparing``, or ``uploading``), which the next
         run resumes like the state an interrupted run leaves.
+        A held 401/403 failure of a run in which no answer accepted the key fails without counting
+        toward abandoning the job (:func:`~batch_export.lifecycle.uncounted`).
         """
         held, self._held = self._held, {}
+        doubted = 0
         for entry in held.values():
             job = entry.job
             if self._breaker.opened is not None:
-                self._values[job.key] = entry.before
-                job.record = entry.before.record
-                job.outcome = Outcome.PENDING
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self._store.save(job.record)
-                    except JobError as exc:
-                        log.error("job %s: cannot record it pending: %s", job.key[:12], exc.message)
+                await self._revise(job, entry.before, Outcome.PENDING)
+            elif self._key_in_doubt(self._values[job.key]):
+                await self._revise(job, uncounted(self._values[job.key]), Outcome.FAILED)
+                doubted += 1
             if entry.finished:
                 self._observer.job_finished(self._result(job))
+        if doubted:
+            log.warning(
+                "%d job(s) failed with HTTP 401/403 and no answer of this run accepted the API key: "
+                "check the key; these failures do not count toward abandoning the jobs",
+                doubted,
+            )
+
+    def _key_in_doubt(self, value: JobValue) -> bool:
+        """A 401/403 failure in a run where no answer accepted the key: maybe the key, not the job."""
+        record = value.record
+        return (
+            not self._breaker.key_proven
+            and record.state in (JobState.FAILED, JobState.ABANDONED)
+            and record.error_http_status in (401, 403)
+        )
+
+    async def _revise(self, job: Job, value: JobValue, outcome: Outcome) -> None:
+        """Replace the held job's last step with ``value`` (the breaker's verdict), and save it."""
+        self._values[job.key] = value
+        job.record = value.record
+        job.outcome = outcome
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._store.save(job.record)
+            except JobError as exc:
+                log.error("job %s: cannot record it %s: %s", job.key[:12], outcome, exc.message)
 
     def _breaker_report(self) -> dict[str, object] | None:
         """The report's ``breaker`` entry: why it opened and what it cost; None while closed."""

@@ -21,6 +21,7 @@ from batch_export.lifecycle import (
     Rules,
     SendPut,
     step,
+    uncounted,
 )
 from batch_export.sandbox import Sandbox, SandboxConfig
 from batch_export.types import JobRecord, JobState, Outcome, Problem
@@ -99,6 +100,23 @@ def test_discovery_failures_count_too(code: str) -> None:
     assert (value.state, actions) == (JobState.ABANDONED, (Finish(Outcome.ABANDONED),))
 
 
+def test_an_uncounted_failure_takes_the_run_back() -> None:
+    rules = Rules(give_up_after=3)
+    forbidden = Problem("invalid_api_key", "no", 403)
+    value = fresh()
+    for runs in (1, 2):
+        value, _ = one_run(value, forbidden, rules)
+        assert (value.state, value.record.failure_runs) == (JobState.FAILED, runs)
+    third, actions = one_run(value, forbidden, rules)
+    assert third.state is JobState.ABANDONED and actions[-1] == Finish(Outcome.ABANDONED)
+    revised = uncounted(third)  # the key was in doubt in that run: it did not count
+    assert (revised.state, revised.record.failure_runs) == (JobState.FAILED, 2)
+    assert revised.record.error_code == "invalid_api_key"
+    assert uncounted(fresh()) == fresh()  # not failed: nothing to take back
+    once, _ = one_run(fresh(), forbidden, rules)
+    assert uncounted(uncounted(once)).record.failure_runs == 0  # never below 0
+
+
 def test_a_bug_never_abandons_a_job() -> None:
     rules = Rules(give_up_after=1)
     value, _ = one_run(fresh(), Problem("internal_error", "bug"), rules, aborted=True)
@@ -124,7 +142,9 @@ def sandbox() -> Iterator[Sandbox]:
         yield sb
 
 
-def nightly(manifest: Path, sandbox: Sandbox, *args: str) -> tuple[int, str, dict[str, object]]:
+def nightly(
+    manifest: Path, sandbox: Sandbox, *args: str, key: str = KEY
+) -> tuple[int, str, dict[str, object]]:
     report = manifest.parent / "report.json"
     proc = subprocess.run(
         [
@@ -134,12 +154,27 @@ def nightly(manifest: Path, sandbox: Sandbox, *args: str) -> tuple[int, str, dic
         ],
         capture_output=True,
         text=True,
-        env=clean_env(PIXXEL_API_KEY=KEY),
+        env=clean_env(PIXXEL_API_KEY=key),
         timeout=120,
         check=False,
     )
     assert "Traceback" not in proc.stderr
     return proc.returncode, proc.stderr, json.loads(report.read_text())
+
+
+def stored_failure_runs(manifest: Path) -> list[tuple[str, str, int]]:
+    """(insight_id, state, failure_runs) of the manifest's failed/abandoned jobs, from ``status``."""
+    status = subprocess.run(
+        [sys.executable, "-m", "batch_export", "status", str(manifest), "--json", "--failed"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    return [
+        (j["insight_id"], j["state"], j["failure_runs"]) for j in json.loads(status.stdout)["jobs"]
+    ]
 
 
 def test_a_nightly_job_that_cannot_work_stops_nagging(sandbox: Sandbox, tmp_path: Path) -> None:
@@ -220,3 +255,60 @@ def test_a_nightly_job_that_cannot_work_stops_nagging(sandbox: Sandbox, tmp_path
     code, _, doc = nightly(manifest, sandbox)
     assert code == 0
     assert [job["outcome"] for job in doc["jobs"]] == ["skipped", "downloaded"]
+
+
+def test_a_wrong_key_never_abandons_a_small_nightly(sandbox: Sandbox, tmp_path: Path) -> None:
+    # Two jobs on one AOI: too few for the breaker, and a 403 from a bad key looks like the AOI's
+    # own permission. Abandoning them after 3 nights of a wrong (expired) key made night 3 exit 0
+    # and, once the key was fixed, exported nothing and still exited 0: data silently not exported.
+    aoi = sandbox.catalog.aois[0]
+    lines = ["version: 1", "limits: {poll_interval: 0.05s, rate: 50}", "exports:"]
+    for ins in aoi.insights[:2]:
+        lines.append(
+            f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", outputs: ["{ins.outputs[0]}"]}}'
+        )
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("\n".join(lines) + "\n")
+    for _night in range(4):
+        code, stderr, doc = nightly(manifest, sandbox, key="expired-key-0000")
+        assert code == 1, stderr
+        assert [job["outcome"] for job in doc["jobs"]] == ["failed", "failed"]
+        assert {job["error"]["code"] for job in doc["jobs"]} == {"invalid_api_key"}
+        assert "abandoned   " not in stderr and "expired-key-0000" not in stderr
+        assert (
+            "2 job(s) failed with HTTP 401/403 and no answer of this run accepted the API key"
+            in stderr
+        )
+        # Failed, but the run did not count: no answer showed the key works.
+        assert [runs for _, _, runs in stored_failure_runs(manifest)] == [0, 0]
+    assert len(sandbox.requests_to("api", "PUT")) == 8  # every night asked again
+    code, _, doc = nightly(manifest, sandbox)  # the key fixed: both exported
+    assert code == 0
+    assert [job["outcome"] for job in doc["jobs"]] == ["downloaded", "downloaded"]
+
+
+def test_a_forbidden_aoi_beside_a_working_one_is_still_abandoned(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    # The counterpart: an answer of 200 in the same run proves the key, so the 403 is the AOI's.
+    good_aoi, bad_aoi = sandbox.catalog.aois[0], sandbox.catalog.aois[1]
+    sandbox.config.denied_aois = frozenset({bad_aoi.id})
+    good, bad = good_aoi.insights[0], bad_aoi.insights[0]
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        textwrap.dedent(
+            f"""\
+            version: 1
+            limits: {{poll_interval: 0.05s, rate: 50}}
+            exports:
+              - {{aoi_id: "{good_aoi.id}", insight_id: "{good.id}", outputs: ["{good.outputs[0]}"]}}
+              - {{aoi_id: "{bad_aoi.id}", insight_id: "{bad.id}", outputs: ["{bad.outputs[0]}"]}}
+            """
+        )
+    )
+    for night, expected in ((1, 1), (2, 1), (3, 0)):
+        code, _, doc = nightly(manifest, sandbox, "--force")  # the good job asks every night
+        assert code == expected, night
+    assert doc["jobs"][1]["outcome"] == "abandoned"
+    assert doc["jobs"][1]["error"]["code"] == "permission_denied"
+    assert stored_failure_runs(manifest) == [(bad.id, "abandoned", 3)]

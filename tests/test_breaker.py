@@ -59,6 +59,7 @@ def test_a_400_means_the_key_was_accepted() -> None:
 
 def test_403s_on_one_aoi_do_not_open_it_and_are_released() -> None:
     breaker = Breaker()
+    breaker.answered(200)  # the key was accepted in this run: the 403s are that AOI's own
     verdicts = [forbidden(breaker, f"j{n}", "only", "permission_denied") for n in range(12)]
     assert breaker.opened is None
     assert verdicts[4] == Verdict(released=("j0", "j1", "j2", "j3", "j4"))
@@ -70,6 +71,7 @@ def test_403s_on_one_aoi_do_not_open_it_and_are_released() -> None:
 
 def test_another_code_starts_a_new_streak() -> None:
     breaker = Breaker()
+    breaker.answered(200)  # the key works: released jobs fail as their own
     for n in range(4):
         forbidden(breaker, f"j{n}", f"a{n}", "code_a")
     verdict = forbidden(breaker, "j4", "a4", "code_b")
@@ -197,3 +199,25 @@ def test_a_probe_whose_task_ended_otherwise_frees_its_place() -> None:
     assert breaker.may_send("j9")
     breaker.done("j-unknown")  # a sender that held no place: nothing changes
     assert not breaker.may_send("j10")
+
+
+def test_403s_stay_held_while_no_answer_accepted_the_key() -> None:
+    # One AOI, a key no answer has accepted yet: a bad key and a forbidden AOI look the same, so
+    # the failures wait for a verdict (a later success) or the end of the run, where they fail
+    # without counting toward abandoning the job (a wrong key must not abandon a nightly's jobs).
+    breaker = Breaker()
+    verdicts = [forbidden(breaker, f"j{n}", "only", "permission_denied") for n in range(7)]
+    assert all(v == Verdict(held=True) for v in verdicts) and not breaker.key_proven
+    assert forbidden(breaker, "j7", "only", "other_code") == Verdict(held=True)  # a new streak
+    verdict = breaker.answered(200)
+    assert breaker.key_proven and breaker.opened is None
+    assert sorted(verdict.released) == sorted(f"j{n}" for n in range(8))
+
+
+def test_a_400_proves_the_key_and_a_403_does_not() -> None:
+    breaker = Breaker()
+    breaker.answered(403)
+    breaker.answered(429)
+    assert not breaker.key_proven
+    breaker.answered(400)
+    assert breaker.key_proven

@@ -33,7 +33,7 @@ from batch_export.config import (
 from batch_export.errors import BatchExportError, UsageError
 from batch_export.http import check_environment
 from batch_export.lifecycle import job_key, shard_of
-from batch_export.localfs import check_local_staging
+from batch_export.localfs import check_local_staging, check_local_state_dir
 from batch_export.lock import StateLock
 from batch_export.manifest import ExportSpec, Manifest
 from batch_export.metrics import write_metrics
@@ -112,6 +112,7 @@ async def run_export(
         raise UsageError(clash)
     for option, path in files.items():
         check_writable(option, path)
+    check_local_state_dir(settings.state_dir)  # SQLite and the flock need a local disk
     if settings.out_url is not None:  # packages are verified there before the upload
         check_local_staging(settings.out_dir)
     staging = settings.state_dir / "staging"

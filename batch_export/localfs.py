@@ -1,8 +1,10 @@
-"""Whether a folder is on a local file system: Linux ``statfs(2)`` ``f_type`` (SPEC §8).
+"""Whether a folder is on a local file system: Linux ``statfs(2)`` ``f_type`` (SPEC §5, §8).
 
 A staging dir on a network or FUSE file system would hold the packages the run verifies and
 uploads where another host (or a user-space daemon) may change them between the check and the
-upload, and its renames and ``flock`` are not what a local disk gives. The magic numbers are
+upload, and its renames and ``flock`` are not what a local disk gives. A state dir there would
+hold the SQLite store, whose locks and write-ahead log need a local disk (SQLite's documentation,
+"WAL mode": "WAL does not work over a network filesystem"), and the run's ``flock``. The magic numbers are
 those of Linux's ``include/uapi/linux/magic.h`` (and ``statfs(2)``). Elsewhere than Linux
 nothing is refused.
 """
@@ -18,7 +20,12 @@ from typing import Final
 
 from batch_export.errors import UsageError
 
-__all__ = ["REMOTE_FILE_SYSTEMS", "check_local_staging", "remote_file_system"]
+__all__ = [
+    "REMOTE_FILE_SYSTEMS",
+    "check_local_staging",
+    "check_local_state_dir",
+    "remote_file_system",
+]
 
 #: ``statfs.f_type`` -> name, for the file systems a staging dir must not be on.
 REMOTE_FILE_SYSTEMS: Final = {
@@ -73,4 +80,19 @@ def check_local_staging(staging: Path) -> None:
             f"the staging dir {staging} is on {kind}, not a local file system: packages are "
             "verified there before the upload (SPEC §8); choose a folder on a local disk "
             "(--staging-dir)"
+        )
+
+
+def check_local_state_dir(state_dir: Path) -> None:
+    """Refuse a state dir on a network or FUSE file system (SPEC §5).
+
+    Raises:
+        UsageError: ``state_dir`` (or its nearest existing parent) is on one (exit 2, one line).
+    """
+    kind = remote_file_system(state_dir)
+    if kind is not None:
+        raise UsageError(
+            f"the state dir {state_dir} is on {kind}, not a local file system: SQLite's locks "
+            "and write-ahead log are unsafe there (SPEC §5); give --state-dir a folder on a "
+            "local disk (the output may stay where it is)"
         )

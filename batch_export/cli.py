@@ -314,8 +314,9 @@ def discover(
     """List what the MANIFEST's discover: selectors find and what a run would do with each insight.
 
     Sends only listing requests (no PUT, no download): per selector and AOI, every listed insight
-    with its action (export, done, not_ready, deleted, filtered_out). Exit 0, or 1 when a listing
-    failed, 2 on a usage or manifest error.
+    with its action (export, done, not_ready, deleted, filtered_out; fail: the run fails it before
+    any request, e.g. path_clash; abandoned). Exit 0, or 1 when a listing failed, 2 on a usage or
+    manifest error.
     """
     from batch_export.discover_command import DiscoverOptions, execute_discover
 

@@ -4,7 +4,9 @@ Sends only listing requests (``GET /v0/aois`` pages and one ``GET /v0/aoi/{id}/i
 under the manifest's rate limit and retries) and shows, per selector and AOI, every listed insight
 and what a run would do with it: ``export``, ``done`` (already done, from the state store, read
 only), ``not_ready``, ``deleted``, ``filtered_out`` (and ``invalid`` for a listing entry that cannot
-become a job). ``--json`` prints::
+become a job, ``fail`` for a job the run fails before any request — ``no_listed_assets``, or a
+``path_clash`` with an explicit entry or with another insight's file in the state store — and
+``abandoned`` for one given up on in earlier runs). ``--json`` prints::
 
     {"selectors": [{"selector": 0, "aois": [{"aoi_id": "...", "error": null | {...},
       "insights": [{"id", "name", "status", "action", "reason"}]}]}]}
@@ -38,11 +40,12 @@ from batch_export.http import open_sessions
 from batch_export.lifecycle import job_key
 from batch_export.listing import api_fetch
 from batch_export.manifest import ExportSpec, Manifest, parse_manifest
+from batch_export.ownership import index_paths, stored_clash
 from batch_export.ratelimit import RateLimiter
 from batch_export.redact import Redactor, escape_controls
 from batch_export.resolve import Resolution, discover
 from batch_export.store import SqliteStore
-from batch_export.types import STATE_FILE, JobState, Settings
+from batch_export.types import STATE_FILE, JobRecord, JobState, Settings
 
 __all__ = ["DiscoverOptions", "execute_discover", "plain_manifest"]
 
@@ -90,8 +93,8 @@ def execute_discover(manifest: Manifest, options: DiscoverOptions) -> int:
     except KeyboardInterrupt:
         print("batch-export: interrupted by SIGINT", file=sys.stderr)
         return 130
-    done = _done_keys(settings.state_dir, resolution)
-    document = view_document(resolution, done)
+    stored = _stored_actions(settings.state_dir, manifest, resolution)
+    document = view_document(resolution, stored)
     if options.as_json:
         print(json.dumps(redactor.redact_values(document), indent=2, ensure_ascii=False))
     else:
@@ -136,32 +139,69 @@ async def _resolve(
         )
 
 
-def _done_keys(state_dir: Path, resolution: Resolution) -> frozenset[str]:
-    """Keys of the discovered jobs the state store has as done (read only; no store: none)."""
+def _stored_actions(
+    state_dir: Path, manifest: Manifest, resolution: Resolution
+) -> dict[str, tuple[Action, str | None]]:
+    """What the state store makes a run do with each discovered job: key -> (action, reason).
+
+    Read only (no store: nothing). The run's own rules: a done job is skipped (``done``), an
+    abandoned one is not requested (``abandoned``, its last error as the reason), and a job whose
+    path another insight's package or download holds fails ``path_clash``
+    (:func:`~batch_export.ownership.stored_clash`, with every job key of the run as the runner
+    has them) — ``fail``, never ``export``.
+    """
     if not (state_dir / STATE_FILE).is_file():
-        return frozenset()
-    keys = list(
-        dict.fromkeys(  # every exported insight, merged ones (an explicit entry's job) included
-            job_key(item.spec)
+        return {}
+    specs = list(
+        {  # every exported insight, merged ones (an explicit entry's job) included
+            job_key(item.spec): item.spec
             for view in resolution.views
             for item in view.insights
             if item.spec is not None
-        )
+        }.items()
+    )
+    run_keys = frozenset(
+        job_key(spec) for spec in (*manifest.exports, *resolution.discovered.specs)
     )
 
-    async def load() -> frozenset[str]:
+    async def load() -> tuple[dict[str, JobRecord], dict[str, list[JobRecord]]]:
         store = await SqliteStore.open(state_dir)
         try:
-            records = await store.load_many(keys)
+            records = await store.load_many([key for key, _ in specs])
+            owners = index_paths(await store.all_records())
         finally:
             await store.close()
-        return frozenset(k for k, r in records.items() if r.state is JobState.DONE)
+        return records, owners
 
-    return anyio.run(load)
+    records, owners = anyio.run(load)
+    actions: dict[str, tuple[Action, str | None]] = {}
+    for key, spec in specs:
+        record = records.get(key)
+        if record is not None and record.state is JobState.DONE:
+            actions[key] = (Action.DONE, None)
+        elif record is not None and record.state is JobState.ABANDONED:
+            actions[key] = (Action.ABANDONED, f"{record.error_code}: {record.error_message}")
+        elif clash := stored_clash(
+            spec.relpath,
+            key=key,
+            aoi_id=spec.aoi_id,
+            insight_id=spec.insight_id,
+            stored=owners,
+            run_keys=run_keys,
+        ):
+            actions[key] = (Action.FAIL, f"{clash.code}: {clash.message}")
+    return actions
 
 
-def view_document(resolution: Resolution, done: frozenset[str]) -> dict[str, Any]:
-    """The ``--json`` document (SPEC §7 shape, plus a ``reason`` per insight)."""
+def view_document(
+    resolution: Resolution, stored: dict[str, tuple[Action, str | None]]
+) -> dict[str, Any]:
+    """The ``--json`` document (SPEC §7 shape, plus a ``reason`` per insight).
+
+    ``stored``: what the state store makes the run do with a job (:func:`_stored_actions`). A job
+    the run fails before any request (the listing's ``no_listed_assets``, a ``path_clash``) shows
+    as ``fail`` with the reason, not as ``export``.
+    """
     failures = {
         id(spec): resolution.discovered.failures[i]
         for i, spec in enumerate(resolution.discovered.specs)
@@ -174,11 +214,15 @@ def view_document(resolution: Resolution, done: frozenset[str]) -> dict[str, Any
             action = str(item.action)
             reason = item.reason
             if item.action is Action.EXPORT and item.spec is not None:
+                # The run's order: done, then abandoned, then the failures before any request.
                 problem = failures.get(id(item.spec))
-                if problem is not None:
-                    reason = f"{problem.code}: {problem.message}"
-                elif job_key(item.spec) in done:
-                    action = "done"
+                decided = stored.get(job_key(item.spec))
+                if decided is not None and decided[0] in (Action.DONE, Action.ABANDONED):
+                    action, reason = str(decided[0]), decided[1]
+                elif problem is not None:
+                    action, reason = str(Action.FAIL), f"{problem.code}: {problem.message}"
+                elif decided is not None:
+                    action, reason = str(decided[0]), decided[1]
             insights.append(
                 {
                     "id": item.insight_id,

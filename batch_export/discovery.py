@@ -90,6 +90,8 @@ class Action(enum.StrEnum):
     DELETED = "deleted"  # deleted_at is set: never exported
     FILTERED_OUT = "filtered_out"  # the selector does not want it
     INVALID = "invalid"  # the listing entry cannot become a job (no id, no usable path, ...)
+    FAIL = "fail"  # a job the run fails before any request (path_clash, no_listed_assets)
+    ABANDONED = "abandoned"  # a job given up on in earlier runs (from the state store, not here)
 
 
 @dataclass(frozen=True, slots=True)

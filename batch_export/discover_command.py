@@ -141,7 +141,7 @@ async def _resolve(
 
 def _stored_actions(
     state_dir: Path, manifest: Manifest, resolution: Resolution
-) -> dict[str, tuple[Action, str | None]]:
+) -> dict[str, tuple[Action, str]]:
     """What the state store makes a run do with each discovered job: key -> (action, reason).
 
     Read only (no store: nothing). The run's own rules: a done job is skipped (``done``), an
@@ -174,11 +174,11 @@ def _stored_actions(
         return records, owners
 
     records, owners = anyio.run(load)
-    actions: dict[str, tuple[Action, str | None]] = {}
+    actions: dict[str, tuple[Action, str]] = {}
     for key, spec in specs:
         record = records.get(key)
         if record is not None and record.state is JobState.DONE:
-            actions[key] = (Action.DONE, None)
+            actions[key] = (Action.DONE, "")
         elif record is not None and record.state is JobState.ABANDONED:
             actions[key] = (Action.ABANDONED, f"{record.error_code}: {record.error_message}")
         elif clash := stored_clash(
@@ -194,7 +194,7 @@ def _stored_actions(
 
 
 def view_document(
-    resolution: Resolution, stored: dict[str, tuple[Action, str | None]]
+    resolution: Resolution, stored: dict[str, tuple[Action, str]]
 ) -> dict[str, Any]:
     """The ``--json`` document (SPEC §7 shape, plus a ``reason`` per insight).
 

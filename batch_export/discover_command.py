@@ -193,9 +193,7 @@ def _stored_actions(
     return actions
 
 
-def view_document(
-    resolution: Resolution, stored: dict[str, tuple[Action, str]]
-) -> dict[str, Any]:
+def view_document(resolution: Resolution, stored: dict[str, tuple[Action, str]]) -> dict[str, Any]:
     """The ``--json`` document (SPEC §7 shape, plus a ``reason`` per insight).
 
     ``stored``: what the state store makes the run do with a job (:func:`_stored_actions`). A job

@@ -275,21 +275,29 @@ async def _record(
         result=result,
     )
     report_path = settings.state_dir / REPORTS_DIR / f"{run_id}.json"
-    try:
-        write_report(report, report_path, redactor=redactor)
-        if options.report is not None:
-            write_report(report, options.report.absolute(), redactor=redactor)
-        if options.metrics_file is not None:
-            write_metrics(
-                options.metrics_file.absolute(),
+    # Each file on its own (checked up front; a disk can still fail, a link appear, at the end).
+    written = _write_end_file(
+        "the report",
+        report_path,
+        lambda: write_report(report, report_path, redactor=redactor, root=settings.state_dir),
+    )
+    if options.report is not None:
+        path = options.report.absolute()
+        _write_end_file("--report", path, lambda: write_report(report, path, redactor=redactor))
+    if options.metrics_file is not None:
+        metrics = options.metrics_file.absolute()
+        _write_end_file(
+            "--metrics-file",
+            metrics,
+            lambda: write_metrics(
+                metrics,
                 result=result,
                 exit_code=exit_code,
                 finished_at=finished_at,
                 last_success_at=last_success,
-            )
-    except OSError as exc:  # checked up front; the disk can still fail at the end
-        log.error("cannot write the report or metrics: %s", exc.strerror or type(exc).__name__)
-    _log_summary(result, exit_code, report_path)
+            ),
+        )
+    _log_summary(result, exit_code, report_path if written else None)
     return ExportResult(
         exit_code=exit_code,
         run_id=run_id,
@@ -327,7 +335,18 @@ def _discover_hook(
     return run_hook(manifest, settings, explicit=explicit, keep=keep, on_jobs=on_jobs)
 
 
-def _log_summary(result: RunResult, exit_code: int, report_path: Path) -> None:
+def _write_end_file(what: str, path: Path, write: Callable[[], None]) -> bool:
+    """Run ``write``; on an ``OSError`` log one line naming ``what`` and ``path``; say if written."""
+    try:
+        write()
+    except OSError as exc:
+        reason = exc.strerror if isinstance(exc.strerror, str) else str(exc) or type(exc).__name__
+        log.error("cannot write %s %s: %s", what, path, reason, extra={"event": "run_error"})
+        return False
+    return True
+
+
+def _log_summary(result: RunResult, exit_code: int, report_path: Path | None) -> None:
     counts = outcome_counts(result)
     summary = (
         f"summary: {len(result.jobs)} job(s): {counts['downloaded']} downloaded, "
@@ -335,7 +354,8 @@ def _log_summary(result: RunResult, exit_code: int, report_path: Path) -> None:
         f"{counts['pending']} pending, {counts['abandoned']} abandoned in "
         f"{result.wall_seconds:.1f} s; "
         f"{result.api_requests} API request(s) ({result.throttled} throttled), "
-        f"{result.storage_requests} storage request(s); exit {exit_code}; report {report_path}"
+        f"{result.storage_requests} storage request(s); exit {exit_code}; "
+        + (f"report {report_path}" if report_path else "report not written (see the error above)")
     )
     extra = {
         "event": "run_summary",
@@ -344,6 +364,6 @@ def _log_summary(result: RunResult, exit_code: int, report_path: Path) -> None:
         "api_requests": result.api_requests,
         "throttled": result.throttled,
         "seconds": round(result.wall_seconds, 3),
-        "path": str(report_path),
+        "path": None if report_path is None else str(report_path),
     }
     log.log(logging.WARNING if exit_code else logging.INFO, "%s", summary, extra=extra)

@@ -14,6 +14,7 @@ from typing import Any
 
 from batch_export.clock import utc_timestamp
 from batch_export.redact import Redactor
+from batch_export.safepath import open_dir, replace_in, unlink_in
 from batch_export.types import DiscoveryEntry, JobResult, Outcome, RunResult
 
 __all__ = ["build_report", "new_run_id", "outcome_counts", "utc_timestamp", "write_report"]
@@ -99,13 +100,24 @@ def _job_entry(job: JobResult) -> dict[str, Any]:
     return entry
 
 
-def write_report(report: dict[str, Any], path: Path, *, redactor: Redactor) -> None:
+def write_report(
+    report: dict[str, Any], path: Path, *, redactor: Redactor, root: Path | None = None
+) -> None:
     """Write ``report`` as JSON to ``path`` atomically (temp file, fsync, rename), redacted.
 
+    ``root``: a folder ``path`` is inside (the state dir) below which no component may be a
+    symlink, checked when writing, not only at start (:mod:`~batch_export.safepath`: every folder
+    opened with ``O_NOFOLLOW``, the temp file made and renamed relative to its folder). None: the
+    operator's own path (``--report``), written as given.
+
     Raises:
-        OSError: the folder cannot be created or written.
+        OSError: the folder cannot be created or written; :class:`~batch_export.safepath.PathProblem`
+            (an ``OSError``) when a component below ``root`` is a symlink.
     """
     text = json.dumps(redactor.redact_values(report), indent=2, ensure_ascii=False) + "\n"
+    if root is not None:
+        _write_below(root, path, text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=path.parent)
     try:
@@ -117,3 +129,23 @@ def write_report(report: dict[str, Any], path: Path, *, redactor: Redactor) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_below(root: Path, path: Path, text: str) -> None:
+    """``write_report`` below ``root``: never through a symlink (see there)."""
+    dir_fd = open_dir(path.parent, root)
+    try:
+        tmp = f".report-{secrets.token_hex(8)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            replace_in(dir_fd, tmp, path.name)
+        except BaseException:
+            unlink_in(dir_fd, tmp)
+            raise
+    finally:
+        os.close(dir_fd)

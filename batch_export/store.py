@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import operator
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ import aiosqlite
 import anyio
 
 from batch_export.errors import LocalIOError, UsageError
+from batch_export.pace import human_size
 from batch_export.segments import SegmentState
 from batch_export.types import STATE_FILE, JobRecord, JobState
 
@@ -615,7 +617,7 @@ class SqliteStore:
                 await self._rollback_quietly()
                 raise
         except sqlite3.Error as exc:
-            batch.finish(f"the state store {self.path} could not commit: {exc}", exc)
+            batch.finish(_commit_failed(self.path, exc), exc)
         else:
             self.commits += 1
             batch.finish()
@@ -667,10 +669,23 @@ class SqliteStore:
                         await self._rollback_quietly()
                         raise
                 except sqlite3.Error as exc:
-                    raise LocalIOError(
-                        f"the state store {self.path} could not commit: {exc}", code="state_store"
-                    ) from exc
+                    raise LocalIOError(_commit_failed(self.path, exc), code="state_store") from exc
         return changed
+
+
+def _commit_failed(path: Path, exc: sqlite3.Error) -> str:
+    """The one line for a commit that failed; a full disk says what to free (nothing else will)."""
+    if getattr(exc, "sqlite_errorname", "") != "SQLITE_FULL":
+        return f"the state store {path} could not commit: {exc}"
+    try:
+        free = human_size(shutil.disk_usage(path.parent).free)
+    except OSError:
+        free = "?"
+    return (
+        f"the state store {path} could not commit: the disk holding it is full ({free} free); "
+        "free space there (the .part files of unfinished downloads may be deleted: they are "
+        "downloaded again)"
+    )
 
 
 def _closed_error(job_key: str | None) -> LocalIOError:

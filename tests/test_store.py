@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import sqlite3
 import subprocess
@@ -563,3 +564,24 @@ async def test_segment_progress_survives_reopening(tmp_path: Path) -> None:
         assert await store.load_segments("k" * 64) == state
     finally:
         await store.close()
+
+
+async def test_a_full_disk_says_what_to_free(store: SqliteStore, tmp_path: Path) -> None:
+    # A full state-dir disk left every later run at exit 2 with "database or disk is full" and
+    # nothing more: the operator was not told that the .part files filling it may be removed.
+    await store.save(rec(0))
+    ((pages,),) = await store._db.execute_fetchall("PRAGMA page_count")
+    await store._db.execute(f"PRAGMA max_page_count = {pages}")  # the "disk" is now full
+    with pytest.raises(LocalIOError) as info:
+        await store.record_run_start("r" * 2000, 1.0, 1)  # the start-up write (exit 2 if refused)
+    with pytest.raises(LocalIOError) as batch:
+        await store.save(rec(1, error_message="x" * 20_000))  # a group commit mid-run
+    for exc in (info.value, batch.value):
+        assert exc.code == "state_store"
+        assert re.fullmatch(
+            rf"the state store {re.escape(str(tmp_path / 'state' / 'state.sqlite3'))} could not "
+            r"commit: the disk holding it is full \(\d+(\.\d)? [kMGT]?i?B free\); free space there "
+            r"\(the \.part files of unfinished downloads may be deleted: they are downloaded "
+            r"again\)",
+            exc.message,
+        ), exc.message

@@ -7,7 +7,9 @@ import io
 import json
 import socket
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,7 +19,14 @@ from batch_export.runner import Outcome, Runner, RunResult, Settings
 from batch_export.store import MemoryStore
 from tests.fakes import FakeClock
 from tests.test_e2e_runner import Recorder
-from tests.transport import FakeRequest, FakeResponse, FakeTransport, fake_sessions
+from tests.transport import (
+    FakePixxel,
+    FakeRequest,
+    FakeResponse,
+    FakeTransport,
+    fake_sessions,
+    stall,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -33,7 +42,9 @@ def anyio_backend() -> str:
 def package(name: str) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr(f"{name}.tif", name.encode() * 3000)
+        # A fixed timestamp: the same bytes at every call (writestr with a name stamps "now").
+        member = zipfile.ZipInfo(f"{name}.tif", date_time=(2026, 1, 1, 0, 0, 0))
+        archive.writestr(member, name.encode() * 3000)
     return buf.getvalue()
 
 
@@ -185,3 +196,107 @@ async def test_a_storage_refusal_echoing_secrets_reaches_no_sink_unredacted(tmp_
     )
     for secret in ("s1gn", "wJalrXUtnFEMI", "AKIAEXAMPLE"):
         assert secret not in json.dumps([job.error_message for job in result.jobs])
+
+
+# -- stalls spent retries: the decisions of tests/test_faults.py's "every time" cases, in virtual
+# time (there each cost RETRIES + 1 real read timeouts); the real-socket proof that a stall is cut
+# by read_timeout stays there, in the "once" cases.
+
+RETRIES = 3
+FAULTED = SPECS[0].insight_id
+
+
+def faulted_run_settings(tmp_path: Path) -> Settings:
+    return Settings(
+        api_url="https://api.example.test",
+        out_dir=tmp_path,
+        state_dir=tmp_path / ".batch-export",
+        connections=1,
+        rate=1000.0,
+        poll_interval=0.01,
+        poll_max_interval=0.02,
+        poll_timeout=60.0,
+        retries=RETRIES,
+        read_timeout=1.0,
+        backoff_base=0.005,
+        backoff_cap=0.02,
+    )
+
+
+async def run_faulted(tmp_path: Path, origin: str, fault: Callable[[], FakeResponse]) -> Any:
+    """Three jobs on a FakePixxel whose ``origin`` answers the first job with ``fault()`` always."""
+
+    async def hook(request: FakeRequest) -> FakeResponse | None:
+        mine = f"/insights/{FAULTED}/" in request.url.path or request.url.path.endswith(
+            f"/{FAULTED}.zip"
+        )
+        on_origin = (request.method == "PUT") == (origin == "api")
+        return fault() if mine and on_origin else None
+
+    pixxel = FakePixxel({spec.insight_id: package(spec.insight_id) for spec in SPECS}, fault=hook)
+    runner = Runner(
+        faulted_run_settings(tmp_path),
+        SPECS,
+        api_key=KEY,
+        store=MemoryStore(),
+        observer=Recorder(),
+        clock=FakeClock(),
+        sessions=pixxel.sessions(),
+    )
+    return pixxel, await runner.run()
+
+
+def assert_failed_alone(pixxel: FakePixxel, result: RunResult, tmp_path: Path, code: str) -> None:
+    job = result.jobs[0]
+    assert job.outcome is Outcome.FAILED
+    assert job.error_code == code, job.error_message
+    assert job.error_message
+    final = tmp_path / SPECS[0].relpath
+    assert not final.exists() and not final.with_name(final.name + ".part").exists()
+    for n, spec in enumerate(SPECS[1:], start=1):
+        other = result.jobs[n]
+        assert other.outcome is Outcome.DOWNLOADED, (other.error_code, other.error_message)
+        written = tmp_path / spec.relpath
+        served = hashlib.sha256(package(spec.insight_id)).hexdigest()
+        assert hashlib.sha256(written.read_bytes()).hexdigest() == served == other.sha256
+        assert other.bytes == written.stat().st_size
+        with zipfile.ZipFile(written) as archive:
+            assert archive.testzip() is None
+        assert not written.with_name(written.name + ".part").exists()
+        assert [r.status for r in pixxel.gets(spec.insight_id)] == [200]
+        assert [r.status for r in pixxel.puts(spec.insight_id)] == [200, 200]
+
+
+def stalled_headers() -> FakeResponse:
+    raise stall()
+
+
+def stalled_body() -> FakeResponse:
+    body = b'{"id": "x", "status": "pending", "signed_url": ""}'
+    return FakeResponse(200, body, {"Content-Type": "application/json"}, stall_after=0)
+
+
+def stalled_package() -> FakeResponse:
+    return FakeResponse(200, package(FAULTED), {"Content-Type": "application/zip"}, stall_after=0)
+
+
+@pytest.mark.parametrize("fault", [stalled_body, stalled_headers], ids=["stall", "before-headers"])
+async def test_an_api_stall_every_time_fails_that_job_only(
+    tmp_path: Path, fault: Callable[[], FakeResponse]
+) -> None:
+    pixxel, result = await run_faulted(tmp_path, "api", fault)
+    assert_failed_alone(pixxel, result, tmp_path, "timeout")
+    assert len(pixxel.puts(FAULTED)) == RETRIES + 1
+    assert pixxel.gets(FAULTED) == []
+    assert result.jobs[0].attempts == 1
+
+
+@pytest.mark.parametrize(
+    "fault", [stalled_package, stalled_headers], ids=["before-body", "before-headers"]
+)
+async def test_a_storage_stall_every_time_fails_that_job_only(
+    tmp_path: Path, fault: Callable[[], FakeResponse]
+) -> None:
+    pixxel, result = await run_faulted(tmp_path, "storage", fault)
+    assert_failed_alone(pixxel, result, tmp_path, "stalled")
+    assert len(pixxel.gets(FAULTED)) == RETRIES + 1

@@ -4,8 +4,12 @@
 returns (a :class:`FakeResponse`) or raises what it raises (``ConnectionResetError``,
 ``socket.gaierror``, ``aiohttp.ServerDisconnectedError``, … — the same types the real transport
 raises, so :func:`batch_export.http.describe_failure` names them). A response may also break after
-``break_after`` bytes of its body. ``fake_sessions(api, storage)`` is a
-:class:`~batch_export.http.SessionFactory` for ``Runner(..., sessions=…)``.
+``break_after`` bytes of its body, or stall after ``stall_after`` bytes (the read raises what
+aiohttp raises when ``sock_read`` expires, at once: no real wait). Each request keeps the status it
+was answered with (0 when the handler raised: no status line), as the sandbox records it.
+``fake_sessions(api, storage)`` is a :class:`~batch_export.http.SessionFactory` for
+``Runner(..., sessions=…)``; :class:`FakePixxel` is the sandbox's normal answers (pending, ready,
+a package with an MD5 ETag, Range resumes) with a per-request fault hook.
 
 Use it where the socket adds nothing (decisions, counts, retries under a fake clock); keep real
 loopback servers for what is about the wire (proxies, TLS, HTTP framing).
@@ -13,6 +17,8 @@ loopback servers for what is about the wire (proxies, TLS, HTTP framing).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,21 +38,35 @@ class FakeRequest:
     url: URL
     headers: dict[str, str]
     body: bytes | None
+    status: int = 0  # the status answered; 0 while unanswered or when the handler raised
+
+
+#: What aiohttp raises when ``sock_read`` expires, before the headers or mid-body
+#: (aiohttp/client_proto.py ``_on_read_timeout``, aiohttp >= 3.10).
+def _read_timeout() -> BaseException:
+    return aiohttp.SocketTimeoutError("Timeout on reading data from socket")
 
 
 class _Content:
-    def __init__(self, body: bytes, chunk: int, break_after: int | None) -> None:
+    def __init__(
+        self, body: bytes, chunk: int, break_after: int | None, stall_after: int | None
+    ) -> None:
         self._body = body
         self._chunk = chunk
         self._break_after = break_after
+        self._stall_after = stall_after
         self._pos = 0
 
     def _next(self, limit: int) -> bytes:
         end = min(len(self._body), self._pos + limit)
-        if self._break_after is not None:
-            if self._pos >= self._break_after:
-                raise aiohttp.ClientPayloadError("connection broke mid-body (fake)")
-            end = min(end, self._break_after)
+        for after, fault in (
+            (self._break_after, lambda: aiohttp.ClientPayloadError("broke mid-body (fake)")),
+            (self._stall_after, _read_timeout),
+        ):
+            if after is not None:
+                if self._pos >= after:
+                    raise fault()
+                end = min(end, after)
         piece = self._body[self._pos : end]
         self._pos = end
         return piece
@@ -71,11 +91,12 @@ class FakeResponse:
         *,
         chunk: int = 65536,
         break_after: int | None = None,
+        stall_after: int | None = None,
     ) -> None:
         self.status = status
         merged = {"Content-Length": str(len(body))} | (headers or {})
         self.headers = CIMultiDictProxy(CIMultiDict(merged))
-        self.content = _Content(body, chunk, break_after)
+        self.content = _Content(body, chunk, break_after, stall_after)
         self.released = False
 
     def release(self) -> None:
@@ -120,7 +141,9 @@ class FakeHttpSession(HttpSession):
 
         async def get() -> FakeResponse:
             self._transport.requests.append(request)
-            return await self._transport.handler(request)
+            response = await self._transport.handler(request)
+            request.status = response.status
+            return response
 
         return _Call(get)
 
@@ -133,3 +156,73 @@ def fake_sessions(api: FakeTransport, storage: FakeTransport) -> Any:
         yield Sessions(api=FakeHttpSession(api), storage=FakeHttpSession(storage))
 
     return open_fake
+
+
+def stall() -> BaseException:
+    """The exception a request stalled before its headers raises (raise it from a handler)."""
+    return _read_timeout()
+
+
+Fault = Callable[[FakeRequest], Awaitable[FakeResponse | None]]
+
+
+class FakePixxel:
+    """The sandbox's normal answers on the fake transport, with a fault hook per request.
+
+    API: ``PUT /v0/aoi/{aoi}/insights/{insight}/download`` answers ``pending`` until the
+    ``ready_after_puts``-th PUT of that insight, then ``ready`` with a signed URL
+    ``{STORAGE}/packages/{insight}.zip?X-Amz-Signature=…``. Storage: ``GET`` of that path serves
+    ``packages[insight]`` with a quoted MD5 ``ETag`` (what S3 gives a single-part object); a
+    ``Range: bytes=N-`` whose ``If-Range`` matches is a 206 from byte N, a 416 past the end.
+    ``fault(request)`` runs first for every request (both origins): it may raise (a network
+    failure, :func:`stall`), return a :class:`FakeResponse`, or return None for the normal answer.
+    """
+
+    STORAGE = "https://storage.fake.test"
+
+    def __init__(
+        self, packages: dict[str, bytes], *, fault: Fault | None = None, ready_after_puts: int = 2
+    ) -> None:
+        self.packages = packages
+        self.fault = fault
+        self.ready_after_puts = ready_after_puts
+        self.api = FakeTransport(self._api)
+        self.storage = FakeTransport(self._storage)
+
+    def sessions(self) -> Any:
+        """A SessionFactory for ``Runner(..., sessions=…)`` on these two origins."""
+        return fake_sessions(self.api, self.storage)
+
+    def puts(self, insight: str) -> list[FakeRequest]:
+        """The PUTs for ``insight``, in order."""
+        return [r for r in self.api.requests if r.url.path.split("/")[5] == insight]
+
+    def gets(self, insight: str) -> list[FakeRequest]:
+        """The storage GETs of ``insight``'s package, in order."""
+        return [r for r in self.storage.requests if r.url.path == f"/packages/{insight}.zip"]
+
+    async def _api(self, request: FakeRequest) -> FakeResponse:
+        injected = await self.fault(request) if self.fault is not None else None
+        if injected is not None:
+            return injected
+        insight = request.url.path.split("/")[5]
+        ready = len(self.puts(insight)) >= self.ready_after_puts
+        url = f"{self.STORAGE}/packages/{insight}.zip?X-Amz-Signature=fake" if ready else ""
+        doc = {"id": insight, "status": "ready" if ready else "pending", "signed_url": url}
+        return FakeResponse(200, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+
+    async def _storage(self, request: FakeRequest) -> FakeResponse:
+        injected = await self.fault(request) if self.fault is not None else None
+        if injected is not None:
+            return injected
+        body = self.packages[request.url.path.removeprefix("/packages/").removesuffix(".zip")]
+        etag = f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
+        headers = {"ETag": etag, "Content-Type": "application/zip"}
+        wanted = request.headers.get("Range")
+        if wanted is None or request.headers.get("If-Range") not in (None, etag):
+            return FakeResponse(200, body, headers)
+        start = int(wanted.removeprefix("bytes=").rstrip("-"))
+        if start >= len(body):
+            return FakeResponse(416, b"", {"Content-Range": f"bytes */{len(body)}"})
+        headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        return FakeResponse(206, body[start:], headers)

@@ -29,7 +29,7 @@ from batch_export.cli import main
 from batch_export.errors import LocalIOError
 from batch_export.sandbox import Sandbox, SandboxConfig
 from batch_export.store import SqliteStore
-from tests.fakes import clean_env, sandbox_thread
+from tests.fakes import CliResult, clean_env, cli_in_process, sandbox_thread
 
 KEY = "cli-hardening-key-5d2a"
 
@@ -68,7 +68,9 @@ def cli(
     )
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[str] | CliResult, *needles: str
+) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("batch-export: "), proc.stderr
@@ -200,10 +202,11 @@ def test_report_and_metrics_paths_join_the_collision_check(
         (["--report", str(manifest)], "the manifest"),
         (["--report", str(tmp_path / "x"), "--metrics-file", str(tmp_path / "x")], "--report file"),
     ]
-    for options, needle in cases:
-        proc = cli("run", str(manifest), *options, sandbox=sandbox)
+    for options, needle in cases:  # in this process: a refusal before any run (tests/fakes.py)
+        args = ["run", str(manifest), *options, "--api-url", sandbox.api_url]
+        proc = cli_in_process(args, env={"PIXXEL_API_KEY": KEY}, cwd=tmp_path)
         assert_one_line_error(proc, needle, "choose another path")
-    # A relative spelling through the working dir is the same file.
+    # A relative spelling through the working dir is the same file (a real process, as typed).
     proc = subprocess.run(
         [
             sys.executable,

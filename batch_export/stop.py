@@ -55,7 +55,10 @@ class StopController:
         if self.reason is None or outranks:
             self.reason = reason
             if reason != "breaker":  # the breaker logs its own line, naming the cause
-                log.warning(
+                # The time budget is a planned stop (the summary's exit 3 says it): info, so that
+                # -q prints only the summary; a signal or a cancellation is worth a warning.
+                log.log(
+                    logging.INFO if reason == "max_runtime" else logging.WARNING,
                     "stopping (%s): in-flight work is checkpointed for the next run",
                     reason,
                     extra={"event": "run_stopping"},

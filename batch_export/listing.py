@@ -25,7 +25,8 @@ many selectors name it, and each distinct AOI query (all, or one set of projects
 A breaker (SPEC §9's, for listings): after :data:`BREAKER_FAILURES` listings in a row failed with
 the same code that is plainly not the AOI's own — the API unreachable (retries spent on network
 errors), a TLS failure, HTTP 401 — with no success between, the listings not yet sent are not sent:
-they fail with that code at once, so a dead API costs a few listings' retries, not hundreds.
+they fail with that code at once, so a dead API costs a few listings' retries, not hundreds. A 403
+with one code for 5 AOIs' listings in a row (no success between) is a rejected key, as for jobs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 import anyio
 
 from batch_export.api import PixxelClient
+from batch_export.breaker import KEY_AOIS, KEY_STREAK
 from batch_export.errors import UNREACHABLE_CODES, JobError
 
 __all__ = [
@@ -286,15 +288,24 @@ class AoiPager:
 
 
 class _Breaker:
-    """Counts listings failing in a row with one run-wide code; open: send no more."""
+    """Counts listings failing in a row with one run-wide code; open: send no more.
+
+    Run-wide: an unreachable API, a TLS failure, a 401 (``threshold`` in a row), or a 403 with one
+    ``error.code`` for :data:`~batch_export.breaker.KEY_STREAK` listings in a row across at least
+    :data:`~batch_export.breaker.KEY_AOIS` AOIs with no success between — the job breaker's rule
+    for a rejected key (SPEC §9): a bad key over a 10,000-AOI ``aois: [ids]`` list cost 10,000
+    listings and as many warning lines.
+    """
 
     def __init__(self, threshold: int) -> None:
         self._threshold = threshold
         self._streak = 0
         self._last: ListingError | None = None
+        self._forbidden: tuple[str, int, set[str]] | None = None  # code, listings, AOIs
         self.open: ListingError | None = None
 
-    def record(self, error: ListingError | None) -> None:
+    def record(self, error: ListingError | None, aoi_id: str | None = None) -> None:
+        self._record_forbidden(error, aoi_id)
         run_wide = error is not None and (error.code in _RUN_WIDE or error.http_status == 401)
         if error is None or not run_wide:
             self._streak, self._last = 0, None
@@ -308,6 +319,28 @@ class _Breaker:
                 f"not listed: the last {self._streak} listings failed the same way "
                 f"({error.message})",
                 error.http_status,
+            )
+
+    def _record_forbidden(self, error: ListingError | None, aoi_id: str | None) -> None:
+        status = None if error is None else error.http_status
+        if error is None or (status is not None and 400 <= status < 500 and status != 403):
+            if status not in (408, 429):  # flow control says nothing about the key
+                self._forbidden = None  # an answer that accepted the key
+            return
+        if status != 403:
+            return  # 5xx, network: no answer about the key
+        code, count, aois = self._forbidden or (error.code, 0, set())
+        if code != error.code:
+            code, count, aois = error.code, 0, set()
+        aois.add(aoi_id or "")
+        self._forbidden = (code, count + 1, aois)
+        if count + 1 >= KEY_STREAK and len(aois) >= KEY_AOIS and self.open is None:
+            self.open = ListingError(
+                error.code,
+                f"not listed: the last {count + 1} listings across {len(aois)} AOIs were refused "
+                f"with HTTP 403 {error.code}, no success between: the API rejects the key? "
+                f"({error.message})",
+                403,
             )
 
 
@@ -345,7 +378,7 @@ async def _list_insights(
         doc = await fetch(f"/v0/aoi/{encode(aoi_id)}/insights", {}, check_insights)
     except JobError as exc:
         error = ListingError.of(exc)
-        breaker.record(error)
+        breaker.record(error, aoi_id)
         return AoiListing(aoi_id, error=error)
     breaker.record(None)
     return AoiListing(aoi_id, tuple(doc["insights"]))

@@ -224,7 +224,6 @@ def test_insight_listing_shape(doc: Any) -> None:
     [
         (RetriesExhausted("cannot connect to api:443", code="network_error"), True),
         (ApiError("key refused", code="unauthorized", http_status=401), True),
-        (ApiError("no permission", code="permission_denied", http_status=403), False),
     ],
 )
 async def test_the_breaker_stops_listing_an_unreachable_api(error: Exception, opens: bool) -> None:
@@ -238,6 +237,45 @@ async def test_the_breaker_stops_listing_an_unreachable_api(error: Exception, op
         assert errors[3] is not None and errors[3].message.startswith(
             "not listed: the last 3 listings failed the same way"
         )
+
+
+async def test_403s_of_one_code_across_aois_are_a_rejected_key() -> None:
+    # The job breaker's rule (SPEC §9): 5 in a row across at least 2 AOIs, no success between.
+    # Before, a bad key over an aois: [ids] list of 10,000 AOIs sent 10,000 listings.
+    refused = ApiError("missing or unknown API key", code="invalid_api_key", http_status=403)
+    ids = tuple(f"a{n}" for n in range(20))
+    api = Api([], errors={f"/v0/aoi/{a}/insights": refused for a in ids})
+    result = await list_selectors(api, [Sel(0, aois=ids)], encode=encode, concurrency=1)
+    errors = [a.error for a in result[0].aois]
+    assert len(api.calls) == 5
+    assert all(
+        e is not None and (e.code, e.http_status) == ("invalid_api_key", 403) for e in errors
+    )
+    assert errors[4] is not None and errors[4].message == "missing or unknown API key"
+    assert errors[5] is not None and errors[5].message == (
+        "not listed: the last 5 listings across 5 AOIs were refused with HTTP 403 "
+        "invalid_api_key, no success between: the API rejects the key? "
+        "(missing or unknown API key)"
+    )
+
+
+@pytest.mark.parametrize(
+    "between",
+    [None, ApiError("no such AOI", code="not_found", http_status=404)],
+    ids=["a-success", "a-404"],
+)
+async def test_an_answer_accepting_the_key_breaks_the_403_streak(between: Exception | None) -> None:
+    denied = ApiError("no permission", code="permission_denied", http_status=403)
+    other = ApiError("another refusal", code="other_code", http_status=403)
+    ids = ("d0", "d1", "d2", "d3", "mid", "d4", "d5", "d6", "x7", "d8", "d9")
+    errors: dict[str, Exception] = {f"/v0/aoi/{a}/insights": denied for a in ids if a[0] == "d"}
+    errors["/v0/aoi/x7/insights"] = other  # another code: the count starts again
+    if between is not None:
+        errors["/v0/aoi/mid/insights"] = between
+    api = Api([], errors=errors)
+    result = await list_selectors(api, [Sel(0, aois=ids)], encode=encode, concurrency=1)
+    assert len(api.calls) == len(ids)  # never 5 of one code in a row: every AOI asked
+    assert [a.error is None for a in result[0].aois].count(True) == (1 if between is None else 0)
 
 
 async def test_a_success_between_failures_keeps_the_breaker_closed() -> None:

@@ -402,8 +402,11 @@ def test_the_readme_nightly_example_works_as_written(tmp_path: Path) -> None:
     shell = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
     assert "batch-export sandbox --port 8765 --new-insight-every 60" in shell
     assert "8765" in manifest_block
-    # the CLI defaults; new insights every hour, not every minute: a slow machine must not race them
-    with sandbox_thread(SandboxConfig(new_insight_every=3600.0)) as sandbox:
+    # the CLI defaults; new insights every hour, not every minute: a slow machine must not race them;
+    # ready at the first PUT: the manifest as written polls every 5 s (the default), and a pending
+    # round would only add 5 s of real waiting to each run (polling: test_three_nightly_runs_...)
+    config = SandboxConfig(new_insight_every=3600.0, ready_after_puts=1)
+    with sandbox_thread(config) as sandbox:
         port = sandbox.api_url.rsplit(":", 1)[1]
         manifest = tmp_path / "nightly.yaml"
         manifest.write_text(manifest_block.replace("8765", port))

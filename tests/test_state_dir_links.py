@@ -17,7 +17,7 @@ import pytest
 from batch_export.config import state_dir_links
 from batch_export.errors import UsageError
 from batch_export.sandbox import Sandbox, SandboxConfig
-from tests.fakes import clean_env, sandbox_thread
+from tests.fakes import clean_env, cli_in_process, sandbox_thread
 
 KEY = "link-key-1b2c"
 
@@ -47,6 +47,7 @@ def test_a_symlinked_state_dir_entry_is_refused_at_start(
     manifest.write_text(
         f"""version: 1
 api: {{url: "{sandbox.api_url}"}}
+limits: {{poll_interval: 0.05s}}
 output: {{dir: out}}
 exports:
   - {{aoi_id: "{aoi.id}", insight_id: "{insight.id}", name: "n", outputs: ["{insight.outputs[0]}"]}}
@@ -61,14 +62,9 @@ exports:
     state.mkdir(parents=True)
     (state / entry).symlink_to(target)
     before = len(sandbox.requests)
-    proc = subprocess.run(
-        [sys.executable, "-m", "batch_export", "run", str(manifest), "--no-progress"],
-        capture_output=True,
-        text=True,
-        env=clean_env(PIXXEL_API_KEY=KEY),
-        cwd=tmp_path,
-        timeout=120,
-    )
+    # The refusal in this process (tests/fakes.py); the run that goes ahead below is a real one.
+    args = ["run", str(manifest), "--no-progress"]
+    proc = cli_in_process(args, env={"PIXXEL_API_KEY": KEY}, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -293,8 +293,9 @@ def validate(manifest: Path) -> None:
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="The output root run uses (to tell done jobs) [default: as run resolves it].",
+    metavar="DIR|s3://BUCKET/PREFIX",
+    help="The output root run uses (to tell done jobs), as given to run [default: as run "
+    "resolves it].",
 )
 @click.option(
     "--state-dir",
@@ -307,7 +308,7 @@ def discover(
     as_json: bool,
     emit_manifest: Path | None,
     api_url: str | None,
-    out: Path | None,
+    out: str | None,
     state_dir: Path | None,
     allow_http: bool,
 ) -> None:
@@ -321,9 +322,11 @@ def discover(
     from batch_export.discover_command import DiscoverOptions, execute_discover
 
     loaded = _load(manifest)
+    out_dir, out_url = _out(out)
     options = DiscoverOptions(
         api_url=api_url,
-        out=out,
+        out=out_dir,
+        out_url=out_url,
         state_dir=state_dir,
         as_json=as_json,
         emit_manifest=emit_manifest,

@@ -56,6 +56,7 @@ class DiscoverOptions:
 
     api_url: str | None = None
     out: Path | None = None
+    out_url: str | None = None  # --out s3://bucket/prefix (then ``out`` is None)
     state_dir: Path | None = None
     as_json: bool = False
     emit_manifest: Path | None = None
@@ -74,6 +75,7 @@ def execute_discover(manifest: Manifest, options: DiscoverOptions) -> int:
             RunOptions(
                 api_url=options.api_url,
                 out=options.out,
+                out_url=options.out_url,
                 state_dir=options.state_dir,
                 allow_http=options.allow_http,
             ),
@@ -326,7 +328,7 @@ def plain_manifest(
         for f in fields(manifest.limits)
         if getattr(manifest.limits, f.name) is not None
     }
-    output: dict[str, Any] = {"dir": manifest.out_url or str(settings.out_dir)}
+    output: dict[str, Any] = {"dir": settings.out_url or str(settings.out_dir)}
     output["path"] = manifest.output.path
     document: dict[str, Any] = {"version": 1, "api": api}
     if limits:

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+import yaml
 
 from batch_export.sandbox import Sandbox, SandboxConfig
 from tests.fakes import clean_env, sandbox_thread
@@ -118,3 +120,54 @@ def test_a_discovery_failure_and_an_abandoned_job_show_as_the_run_will_treat_the
     item = {i["id"]: i for i in document["selectors"][0]["aois"][0]["insights"]}[second.id]
     assert item["action"] == "abandoned"
     assert item["reason"].startswith("path_clash: ")  # its last error
+
+
+def test_discover_out_s3_reads_the_state_dir_run_uses(sandbox: Sandbox, tmp_path: Path) -> None:
+    # discover --out was a local path: s3://demo/x became the folder s3:/demo/x, so the done
+    # jobs of an object-store run showed as export, and --emit-manifest wrote a local output.dir.
+    aoi, first, _ = two_completed(sandbox)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        f'version: 1\napi: {{url: "{sandbox.api_url}"}}\ndiscover:\n'
+        f'  - {{aois: ["{aoi.id}"], name_glob: "{first.name}", outputs: all}}\n'
+    )
+    # The state dir run uses for --out s3://demo/x: beside the manifest (README); a done record
+    # of the one discovered job, as an earlier run would have left it.
+    shown = json.loads(cli("discover", str(manifest), "--json").stdout)
+    (item,) = [i for i in shown["selectors"][0]["aois"][0]["insights"] if i["id"] == first.id]
+    assert item["action"] == "export"
+    plain = tmp_path / "plain.yaml"
+    emitted = cli("discover", str(manifest), "--out", "s3://demo/x", "--emit-manifest", str(plain))
+    assert emitted.returncode == 0, emitted.stderr
+    assert yaml.safe_load(plain.read_text())["output"]["dir"] == "s3://demo/x"
+    assert not (Path.cwd() / "s3:").exists() and not (tmp_path / "s3:").exists()
+    state = tmp_path / ".batch-export" / "s3" / "demo" / "x"
+    status = cli("status", str(plain), "--out", "s3://demo/x", "--json")
+    assert json.loads(status.stdout)["state_dir"] == str(state)  # status and run agree...
+    anyio.run(_mark_done, state, plain)
+    shown = json.loads(cli("discover", str(manifest), "--out", "s3://demo/x", "--json").stdout)
+    (item,) = [i for i in shown["selectors"][0]["aois"][0]["insights"] if i["id"] == first.id]
+    assert item["action"] == "done"  # ...and so does discover
+
+
+async def _mark_done(state: Path, plain: Path) -> None:
+    from batch_export.lifecycle import job_key
+    from batch_export.manifest import load_manifest
+    from batch_export.store import SqliteStore
+    from batch_export.types import JobRecord, JobState
+
+    (spec,) = load_manifest(plain).exports
+    store = await SqliteStore.open(state)
+    try:
+        await store.save(
+            JobRecord(
+                key=job_key(spec),
+                aoi_id=spec.aoi_id,
+                insight_id=spec.insight_id,
+                name=spec.name,
+                relpath=spec.relpath,
+                state=JobState.DONE,
+            )
+        )
+    finally:
+        await store.close()

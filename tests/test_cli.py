@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from batch_export.sandbox import DEMO_KEY, Sandbox, SandboxConfig
-from tests.fakes import clean_env, sandbox_thread
+from tests.fakes import CliResult, clean_env, cli_in_process, sandbox_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "cli-test-key-9d8c7b6a"
@@ -188,12 +188,20 @@ def test_manifest_errors_exit_2_and_request_nothing(
     text, line, _col = BAD_MANIFESTS[case]
     manifest = tmp_path / f"{case}.yaml"
     manifest.write_text(text)
-    proc = cli("run", str(manifest), "--api-url", sandbox.api_url, env={"PIXXEL_API_KEY": KEY})
+    env = {"PIXXEL_API_KEY": KEY}
+    proc: subprocess.CompletedProcess[str] | CliResult
+    if case == "bool":  # one case in a real process; the others in this one (tests/fakes.py)
+        proc = cli("run", str(manifest), "--api-url", sandbox.api_url, env=env)
+        again = cli("validate", str(manifest)).returncode
+    else:
+        args = ["run", str(manifest), "--api-url", sandbox.api_url]
+        proc = cli_in_process(args, env=env, cwd=tmp_path)
+        again = cli_in_process(["validate", str(manifest)], env={}, cwd=tmp_path).returncode
     assert proc.returncode == 2, proc.stderr
     assert re.search(rf"^{re.escape(str(manifest))}:{line}:\d+: \S", proc.stderr, re.M), proc.stderr
     assert sandbox.requests == []
     assert not (tmp_path / "exports").exists()
-    assert cli("validate", str(manifest)).returncode == 2
+    assert again == 2
 
 
 def test_validate_prints_plan(sandbox: Sandbox, tmp_path: Path) -> None:

@@ -42,7 +42,9 @@ def sandbox() -> Iterator[Sandbox]:
 
 def write_manifest(tmp_path: Path, sandbox: Sandbox, jobs: int = 2) -> Path:
     aoi = sandbox.catalog.aois[0]
-    lines = ["version: 1", "limits: {poll_interval: 0.05s, poll_max_interval: 0.1s}", "exports:"]
+    # rate 100/s: the default 2/s would only add real waiting between the PUTs of every run
+    limits = "limits: {poll_interval: 0.05s, poll_max_interval: 0.1s, rate: 100}"
+    lines = ["version: 1", limits, "exports:"]
     for ins in aoi.insights[:jobs]:
         lines.append(
             f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", outputs: ["{ins.outputs[0]}"]}}'
@@ -113,7 +115,12 @@ def test_a_state_store_unusable_at_start_is_exit_2_with_one_line(
     damage(state / "state.sqlite3")
     before = len(sandbox.requests)
     for log_format in ("text", "json"):
-        proc = cli("run", str(manifest), "--log-format", log_format, sandbox=sandbox)
+        proc: subprocess.CompletedProcess[str] | CliResult
+        if log_format == "text":  # a real process: nothing else reaches its stderr
+            proc = cli("run", str(manifest), "--log-format", log_format, sandbox=sandbox)
+        else:  # the same refusal as a JSON line, in this process (tests/fakes.py)
+            args = ["run", str(manifest), "--log-format", log_format, "--api-url", sandbox.api_url]
+            proc = cli_in_process(args, env={"PIXXEL_API_KEY": KEY}, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and "ExceptionGroup" not in proc.stderr
         lines = proc.stderr.strip().splitlines()

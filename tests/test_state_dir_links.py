@@ -47,7 +47,7 @@ def test_a_symlinked_state_dir_entry_is_refused_at_start(
     manifest.write_text(
         f"""version: 1
 api: {{url: "{sandbox.api_url}"}}
-limits: {{poll_interval: 0.05s}}
+limits: {{poll_interval: 0.05s, rate: 100}}
 output: {{dir: out}}
 exports:
   - {{aoi_id: "{aoi.id}", insight_id: "{insight.id}", name: "n", outputs: ["{insight.outputs[0]}"]}}

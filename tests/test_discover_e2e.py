@@ -17,6 +17,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from typing import Any
 
 import pytest
 
+from batch_export import discover_command
 from batch_export.sandbox import Catalog, Fault, FaultScript, Rule, Sandbox, SandboxConfig
-from tests.fakes import clean_env, sandbox_thread
+from tests.fakes import FakeClock, clean_env, cli_in_process, sandbox_thread
 
 KEY = "nightly-key-4e1a"
 CATALOG = Catalog.generate(0, 250)
@@ -313,12 +315,19 @@ def test_three_nightly_runs_export_exactly_what_is_new(sandbox: Sandbox, tmp_pat
     ],
 )
 def test_paging_faults_are_one_clear_selector_error(
-    sandbox: Sandbox, tmp_path: Path, rule: Rule, code: str
+    sandbox: Sandbox, tmp_path: Path, rule: Rule, code: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = tmp_path / "nightly.yaml"
     manifest.write_text(manifest_text(sandbox.api_url))
     sandbox.faults.add(FaultScript([rule]))
-    shown = cli("discover", str(manifest), "--json", cwd=tmp_path)
+    # The JSON view in this process on a virtual clock (started at the real one), so the retries'
+    # backoff (1 s base, full jitter) waits for nothing; the readable table below is a real
+    # process with real waits.
+    now = time.monotonic()
+    clock = FakeClock(start=now, wall_offset=time.time() - now)
+    monkeypatch.setattr(discover_command, "SystemClock", lambda: clock)
+    args = ["discover", str(manifest), "--json"]
+    shown = cli_in_process(args, env={"PIXXEL_API_KEY": KEY}, cwd=tmp_path)
     assert shown.returncode == 1, shown.stderr
     assert "Traceback" not in shown.stderr
     selectors = json.loads(shown.stdout)["selectors"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import socket
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +302,55 @@ async def test_a_storage_stall_every_time_fails_that_job_only(
     pixxel, result = await run_faulted(tmp_path, "storage", fault)
     assert_failed_alone(pixxel, result, tmp_path, "stalled")
     assert len(pixxel.gets(FAULTED)) == RETRIES + 1
+
+
+# -- a client faster than the server's per-key bucket: test_e2e_runner's 16/s case in virtual time
+# (there it waited ~8 s of real Retry-After pauses; its 8/s case, no 429 at the server's own rate,
+# stays on real time and sockets).
+
+
+async def test_a_client_faster_than_the_servers_bucket_is_throttled_and_still_finishes(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    rate, burst = 8.0, 2.0  # the sandbox's bucket: SandboxConfig(rate=8.0, burst=2)
+    bucket = {"tokens": burst, "at": clock.monotonic()}
+
+    async def throttle(request: FakeRequest) -> FakeResponse | None:
+        # The sandbox's token bucket (batch_export/sandbox/server.py), on the runner's clock.
+        if request.method != "PUT":
+            return None
+        now = clock.monotonic()
+        bucket["tokens"] = min(burst, bucket["tokens"] + (now - bucket["at"]) * rate)
+        bucket["at"] = now
+        if bucket["tokens"] >= 1.0 - 1e-6:
+            bucket["tokens"] = max(0.0, bucket["tokens"] - 1.0)
+            return None
+        wait = max(1, math.ceil((1.0 - bucket["tokens"]) / rate - 1e-6))
+        body = b'{"error": {"code": "rate_limited", "message": "slow down"}}'
+        return FakeResponse(429, body, {"Retry-After": str(wait)})
+
+    specs = [
+        ExportSpec("aoi-1", f"ins-{n}", (), ("layer",), f"job{n}", f"aoi-1/ins-{n}/job{n}.zip")
+        for n in range(20)
+    ]
+    pixxel = FakePixxel({s.insight_id: package(s.insight_id) for s in specs}, fault=throttle)
+    settings = replace(faulted_run_settings(tmp_path), rate=16.0, in_flight=20, retries=4)
+    runner = Runner(
+        settings,
+        specs,
+        api_key=KEY,
+        store=MemoryStore(),
+        observer=Recorder(),
+        clock=clock,
+        sessions=pixxel.sessions(),
+    )
+    result = await runner.run()
+
+    statuses = [r.status for r in pixxel.api.requests]
+    assert result.exit_code == 0
+    for spec in specs:
+        written = (tmp_path / spec.relpath).read_bytes()
+        assert hashlib.sha256(written).digest() == hashlib.sha256(package(spec.insight_id)).digest()
+    assert statuses.count(429) > 0
+    assert statuses.count(200) == 40

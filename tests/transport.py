@@ -170,7 +170,8 @@ class FakePixxel:
     """The sandbox's normal answers on the fake transport, with a fault hook per request.
 
     API: ``PUT /v0/aoi/{aoi}/insights/{insight}/download`` answers ``pending`` until the
-    ``ready_after_puts``-th PUT of that insight, then ``ready`` with a signed URL
+    ``ready_after_puts``-th PUT of that insight that the fault hook let through (as the sandbox
+    counts only PUTs past its key and rate checks), then ``ready`` with a signed URL
     ``{STORAGE}/packages/{insight}.zip?X-Amz-Signature=…``. Storage: ``GET`` of that path serves
     ``packages[insight]`` with a quoted MD5 ``ETag`` (what S3 gives a single-part object); a
     ``Range: bytes=N-`` whose ``If-Range`` matches is a 206 from byte N, a 416 past the end.
@@ -186,6 +187,7 @@ class FakePixxel:
         self.packages = packages
         self.fault = fault
         self.ready_after_puts = ready_after_puts
+        self._answered: dict[str, int] = {}  # PUTs per insight the fault hook let through
         self.api = FakeTransport(self._api)
         self.storage = FakeTransport(self._storage)
 
@@ -206,7 +208,8 @@ class FakePixxel:
         if injected is not None:
             return injected
         insight = request.url.path.split("/")[5]
-        ready = len(self.puts(insight)) >= self.ready_after_puts
+        self._answered[insight] = self._answered.get(insight, 0) + 1
+        ready = self._answered[insight] >= self.ready_after_puts
         url = f"{self.STORAGE}/packages/{insight}.zip?X-Amz-Signature=fake" if ready else ""
         doc = {"id": insight, "status": "ready" if ready else "pending", "signed_url": url}
         return FakeResponse(200, json.dumps(doc).encode(), {"Content-Type": "application/json"})

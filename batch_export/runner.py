@@ -283,6 +283,8 @@ class Runner:
         self._fatal: Problem | None = None  # the state store failed: the run stopped
         self._max_runtime = max_runtime
         self._jobs_scope: anyio.CancelScope | None = None  # made inside the event loop
+        self._discovery_scope: anyio.CancelScope | None = None  # while the listings go on
+        self._listings_stopped = False  # a stop ended the listings (their jobs are unknown)
         self.stop = stop or StopController()
         self.stop.on_stop(self._cancel_jobs)
         self.jobs: list[Job] = []
@@ -323,17 +325,11 @@ class Runner:
             )
             self._client.stats.listener = self._api_answered
             self._downloader = self._make_downloader(storage_session)
-            if self._discover is not None:
-                self._discovered = await self._discover(self._client)
-                self._sent_all("")  # the listings' attempts hold no probe place
-                first = len(self.specs)
-                self._preset = {first + i: p for i, p in self._discovered.failures.items()}
-                self.specs.extend(self._discovered.specs)
-                self.sources.extend(self._discovered.sources)
-            await self._prepare_jobs()
             async with anyio.create_task_group() as watchers:
-                if self._max_runtime is not None:
+                if self._max_runtime is not None:  # the listings count toward it too
                     watchers.start_soon(self._stop_at, started + self._max_runtime)
+                await self._discover_jobs()
+                await self._prepare_jobs()
                 await self._run_all()
                 watchers.cancel_scope.cancel()
             await self._settle_held()
@@ -349,6 +345,7 @@ class Runner:
             breaker=self._breaker_report(),
             discovery=self._discovered.entries,
             store_requests=self._uploader.requests_sent if self._uploader is not None else 0,
+            listings_stopped=self._listings_stopped,
         )
 
     def _make_downloader(self, session: HttpSession) -> Downloader:
@@ -382,6 +379,31 @@ class Runner:
                     await admission.acquire()
                     tg.start_soon(self._run_job, job, admission)
 
+    async def _discover_jobs(self) -> None:
+        """Add the discover: selectors' jobs; a stop (signal, time budget) ends the listings.
+
+        Stopped, the run has no discovered job (they are known only once the listings end); its
+        explicit jobs are left pending like every job a stop leaves, and the next run lists again.
+        """
+        if self._discover is None:
+            return
+        with anyio.CancelScope() as scope:
+            self._discovery_scope = scope
+            if self.stop.requested:
+                scope.cancel()
+            discovered = await self._discover(self._client)
+        self._discovery_scope = None
+        self._sent_all("")  # the listings' attempts hold no probe place
+        if scope.cancelled_caught:
+            self._listings_stopped = True
+            log.info("stopped during the discover: listings; the next run lists again")
+            return
+        self._discovered = discovered
+        first = len(self.specs)
+        self._preset = {first + i: p for i, p in discovered.failures.items()}
+        self.specs.extend(discovered.specs)
+        self.sources.extend(discovered.sources)
+
     def request_stop(self, reason: str) -> None:
         """Stop for ``reason`` (see :meth:`StopController.request`)."""
         self.stop.request(reason)
@@ -393,6 +415,8 @@ class Runner:
         """
         if self._jobs_scope is not None:
             self._jobs_scope.cancel()
+        if self._discovery_scope is not None:
+            self._discovery_scope.cancel()
 
     async def _stop_at(self, deadline: float) -> None:
         await self._clock.sleep(max(0.0, deadline - self._clock.monotonic()))

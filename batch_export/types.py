@@ -461,6 +461,8 @@ class RunResult:
         breaker: the run-wide circuit breaker's opening (cause, code, counts), or None (SPEC §9).
         discovery: the report's ``discovery`` entries (SPEC §7); a failed listing makes the exit
             code at least 1.
+        listings_stopped: a stop (signal, time budget) ended the discover: listings: their jobs
+            are unknown, so work is left (exit 3 under ``--max-runtime``, never 0).
     """
 
     jobs: tuple[JobResult, ...]
@@ -474,6 +476,7 @@ class RunResult:
     breaker: Mapping[str, object] | None = None
     discovery: tuple[DiscoveryEntry, ...] = ()
     store_requests: int = 0
+    listings_stopped: bool = False
 
     def count(self, outcome: Outcome) -> int:
         """Number of jobs with ``outcome``."""
@@ -486,7 +489,7 @@ class RunResult:
         130/143/129 on a signal, 3 when stopped by the time budget with jobs left, 1 when a job
         failed (or was left pending), 0 when every job is done or abandoned (SPEC §9).
         """
-        pending = any(job.outcome is Outcome.PENDING for job in self.jobs)
+        pending = self.listings_stopped or any(job.outcome is Outcome.PENDING for job in self.jobs)
         if self.stopped_by in STOP_EXIT_CODES:
             return int(STOP_EXIT_CODES[self.stopped_by])
         if self.stopped_by == "max_runtime" and pending:

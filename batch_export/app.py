@@ -24,7 +24,9 @@ from batch_export.api import PixxelClient
 from batch_export.config import (
     RunOptions,
     check_writable,
+    key_files,
     output_file_clash,
+    package_file_clash,
     resolve_api_key,
     resolve_settings,
     select_shard,
@@ -108,6 +110,11 @@ async def run_export(
     clash = output_file_clash(
         files, specs=manifest.exports, settings=settings, manifest_path=manifest.path
     )
+    if clash:
+        raise UsageError(clash)
+    protected = [("the manifest", manifest.path)]
+    protected += [("the API key file", path) for path in key_files(manifest)]
+    clash = package_file_clash(protected, specs=manifest.exports, settings=settings)
     if clash:
         raise UsageError(clash)
     for option, path in files.items():

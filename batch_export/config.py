@@ -36,7 +36,9 @@ __all__ = [
     "check_options",
     "check_writable",
     "chosen_out_url",
+    "key_files",
     "output_file_clash",
+    "package_file_clash",
     "parse_output_url",
     "parse_shard",
     "resolve_api_key",
@@ -318,6 +320,48 @@ def output_file_clash(
                         f"{spec.aoi_id}/{spec.insight_id} ({spec.name}); choose another path"
                     )
     return None
+
+
+def package_file_clash(
+    protected: list[tuple[str, Path]], *, specs: tuple[ExportSpec, ...], settings: Settings
+) -> str | None:
+    """Return why a package (or its ``.part``) would overwrite one of the run's own files, or None.
+
+    ``protected`` pairs a description (``"the manifest"``, ``"the API key file"``) with a file the
+    run reads; with ``output.dir: "."`` and ``output.path: "{name}"`` an entry named like it would be
+    downloaded onto it. Compared as for :func:`output_file_clash` (relative to the output dir, both
+    spellings, no system call per job).
+    """
+    if settings.out_url is not None:  # packages go to the object store, staged under the state dir
+        return None
+    outs = {settings.out_dir.absolute(), Path(_same_file_key(settings.out_dir))}
+    by_relpath = {spec.relpath: spec for spec in specs}
+    for what, path in protected:
+        for candidate in {path.absolute(), Path(_same_file_key(path))}:
+            for out in outs:
+                if not candidate.is_relative_to(out):
+                    continue
+                rel = candidate.relative_to(out).as_posix()
+                spec = by_relpath.get(rel)
+                part = spec is None and rel.endswith(".part")
+                if part:
+                    spec = by_relpath.get(rel.removesuffix(".part"))
+                if spec is not None:
+                    return (
+                        f"export {spec.aoi_id}/{spec.insight_id} ({spec.name}) would write "
+                        f"{'its .part ' if part else ''}onto {what} {path.absolute()}; change its "
+                        "name or output.path"
+                    )
+    return None
+
+
+def key_files(manifest: Manifest, environ: dict[str, str] | None = None) -> list[Path]:
+    """The API key files this run reads (``api.key_file``, ``PIXXEL_API_KEY_FILE``), if any."""
+    env = os.environ if environ is None else environ
+    found = [] if manifest.api.key_file is None else [manifest.api.key_file]
+    if env.get(KEY_FILE_ENV):
+        found.append(Path(env[KEY_FILE_ENV]))
+    return found
 
 
 def _same_file_key(path: Path) -> str:

@@ -381,7 +381,9 @@ def demo(out: str, progress: bool | None) -> None:
             )
         finally:
             portal.call(sandbox.close)
-    if out_dir is not None:
+    if code in (ExitCode.USAGE, ExitCode.LOCKED):  # nothing ran: there are no packages to show
+        pass
+    elif out_dir is not None:
         where, state = out_dir.absolute(), out_dir.absolute() / ".batch-export"
         click.echo(f"packages are in {where} (report under {state}/reports)")
     elif state_dir is not None:

@@ -384,3 +384,13 @@ def test_key_with_a_line_break_or_non_ascii_is_refused_without_echo(tmp_path: Pa
         assert proc.returncode == 2
         assert "printable ASCII" in proc.stderr
         assert bad.split()[0] not in proc.stderr and "secr" not in proc.stderr
+
+
+def test_a_demo_that_could_not_run_does_not_say_where_the_packages_are(tmp_path: Path) -> None:
+    # It printed "packages are in ..." after the refusal (exit 2): there are no packages.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli_in_process(["demo", "--out", str(blocker)], env={}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "packages are in" not in result.stdout + result.stderr
+    assert "cannot use the state dir" in result.stderr

@@ -1,7 +1,8 @@
 """The ``batch-export`` command line: a thin layer over the run of :mod:`batch_export.app`.
 
 It parses options, sets up logging on stderr, owns the process-wide parts (signals through
-:class:`~batch_export.signals.SignalRelay`, the exit code through ``sys.exit``) and prints errors
+:class:`~batch_export.signals.SignalRelay`, the exit code through ``sys.exit``, the allocator's
+thresholds through :func:`~batch_export.allocator.keep_freed_memory`) and prints errors
 as one line. Exit codes: :class:`batch_export.types.ExitCode` (SPEC §2).
 """
 
@@ -16,6 +17,7 @@ import anyio
 import click
 
 from batch_export import __version__
+from batch_export.allocator import keep_freed_memory
 from batch_export.app import run_export
 from batch_export.config import RunOptions, parse_output_url, parse_shard
 from batch_export.errors import BatchExportError, LockHeldError, ManifestError
@@ -57,6 +59,7 @@ def main() -> None:
     SIGINT/SIGTERM/SIGHUP (work checkpointed, the next run resumes).
     """
     guard_standard_streams()  # `batch-export validate m.yaml | head` ends quietly, exit code kept
+    keep_freed_memory()  # process-wide, so here and not in the library (see allocator.py)
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

@@ -88,6 +88,9 @@ _PIECES_IN_FLIGHT = 3
 #: Threads that hash pieces while the writer threads write them (shared by all downloads).
 _HASH_THREADS = 8
 _hashers: ThreadPoolExecutor | None = None
+_hashers_lock = threading.Lock()
+
+
 #: Bytes written between two requests to start writeback (see ``_PartSink._start_writeback``).
 _WRITEBACK_WINDOW = 32 * 1024 * 1024
 _FADVISE: Callable[[int, int, int, int], None] | None = getattr(os, "posix_fadvise", None)
@@ -97,6 +100,15 @@ _HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 #: Read errors that are the disk's or the process's, not the zip's (an ``EINVAL`` seek is the zip's).
 _READ_ERRNOS = frozenset({errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EACCES})
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """The process's pool of hashing threads (made on first use, shared by every download)."""
+    global _hashers
+    with _hashers_lock:
+        if _hashers is None:
+            _hashers = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="batch-export-hash")
+        return _hashers
 
 
 def part_path(final: Path) -> Path:
@@ -216,12 +228,10 @@ class _PartSink:
 
     def write(self, data: bytes) -> None:
         """Append ``data`` and hash it, the hashing on helper threads meanwhile."""
-        global _hashers
-        if _hashers is None:
-            _hashers = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="batch-export-hash")
-        hashing = [_hashers.submit(self._sha.update, data)]
+        pool = _hash_pool()
+        hashing = [pool.submit(self._sha.update, data)]
         if self._md5 is not None:
-            hashing.append(_hashers.submit(self._md5.update, data))
+            hashing.append(pool.submit(self._md5.update, data))
         try:
             self._file.write(data)
             self._crc_update(data)  # the cheapest digest, here: the piece costs the same on both
@@ -1248,6 +1258,7 @@ class _RangeSink:
         self._crcs: list[int | None] = [None] * -(-state.total // CRC_BLOCK)
         self._lock = threading.Lock()
         self._hashing = False
+        self._poisoned = False  # a failed write left the digests ahead of the disk
         self._buffer: bytearray | None = None
         try:
             _preallocate(fd, state.total)
@@ -1262,6 +1273,14 @@ class _RangeSink:
         (no copy gathers them first).
         """
         parts = [data] if isinstance(data, memoryview) else list(data)
+        with self._lock:
+            at_prefix = not self._hashing and self._hashed == offset and not self._poisoned
+            if at_prefix:
+                self._hashing = True
+        if at_prefix:
+            self._write_hashing(offset, parts)
+            self._follow(offset, [], 0)  # and whatever other connections wrote beyond it
+            return
         size = _pwrite_all(self._fd, parts, offset)
         self._block_crcs(offset, parts)
         with self._lock:
@@ -1270,6 +1289,43 @@ class _RangeSink:
                 return  # the thread hashing now reaches these bytes (or reads them back)
             self._hashing = True
         self._follow(offset, parts, size)
+
+    def _write_hashing(self, offset: int, parts: list[memoryview]) -> None:
+        """Write a piece that starts where the hashed prefix ends, hashing it meanwhile.
+
+        The digests run on the shared hashing threads while this one writes and takes the
+        blocks' CRCs (all release the GIL), so the piece costs the longest of them, not their
+        sum. The caller holds the hashing role; it is kept on success. If the write fails the
+        digests have taken bytes that are not on disk: the sink is poisoned (``finish`` raises).
+        """
+        pool = _hash_pool()
+        hashing = [pool.submit(self._sha_parts, parts)]
+        if self._md5 is not None:
+            hashing.append(pool.submit(self._md5_parts, parts))
+        try:
+            try:
+                size = _pwrite_all(self._fd, parts, offset)
+                self._block_crcs(offset, parts)
+            finally:
+                for job in hashing:
+                    job.result()  # never leave one running, even when the write failed
+        except BaseException:
+            with self._lock:
+                self._poisoned = True
+                self._hashing = False
+            raise
+        with self._lock:
+            self._hashed = offset + size
+            self._done = add_range(self._done, offset, offset + size)
+        self._write_back()
+
+    def _sha_parts(self, parts: list[memoryview]) -> None:
+        for part in parts:
+            self._sha.update(part)
+
+    def _md5_parts(self, parts: list[memoryview]) -> None:
+        for part in parts:
+            self._md5.update(part)
 
     def _block_crcs(self, offset: int, parts: list[memoryview]) -> None:
         """CRC-32 of each block the parts (from block-aligned ``offset``) complete."""
@@ -1362,6 +1418,8 @@ class _RangeSink:
         Raises:
             OSError: the ``.part`` is not whole, or the fsync failed.
         """
+        if self._poisoned:
+            raise OSError(errno.EIO, "a write to the .part failed")
         self.catch_up()
         if self._hashed != self.total:
             raise OSError(errno.EIO, "the .part is not whole")
@@ -1432,10 +1490,19 @@ class _Segmented:
         self._sink_lock = anyio.Lock()
         # Pieces received but not yet written, all connections together: each connection holds
         # at most two (one arriving, one being written); this bounds the memory of a download.
+        # Each is a reused PIECE_SIZE buffer: a piece is one contiguous, block-aligned write of
+        # whole pages, and no piece allocates memory (fresh pages cost more than the copy).
         self._pieces = anyio.Semaphore(job.connections + 2)
+        self._spare: list[memoryview] = []
+        self._unsaved = 0  # bytes on disk since progress was last handed to ``on_segments``
         self._dirty = anyio.Event()
         self._saved: SegmentState | None = progress
         self._announced = False
+        # Set once the ramp has judged the connections (at once without a ramp): until then a
+        # connection other than the lead waits before it claims a second range.
+        self._judged = anyio.Event()
+        self._fast = False  # the last judgement: one connection already runs as fast as we can
+        self._active = 0  # connections working now
 
     async def run(self, first: aiohttp.ClientResponse | None) -> Transfer:
         """Fetch every missing range; ``first`` is the open answer to ``bytes=0-``, if any.
@@ -1445,26 +1512,13 @@ class _Segmented:
             UrlRejected, RetriesExhausted, StorageError, LocalIOError: as for ``transfer``.
         """
         self._announced = first is not None
-        self._workers = 0
         self._received = 0
         try:
             try:
                 async with anyio.create_task_group() as group:
                     group.start_soon(self._recorder)
                     async with anyio.create_task_group() as workers:
-                        claims = 0
-                        if first is not None:
-                            claim = self._schedule.claim()
-                            assert claim is not None and claim[0] == 0
-                            await self._ensure_sink()
-                            workers.start_soon(self._worker, first, _Claim(*claim, claim[0]))
-                            claims = 1
-                        wanted = self._job.connections
-                        start_now = wanted if not self._d.ramp else min(wanted, _FIRST_CONNECTIONS)
-                        for _ in range(start_now - claims):
-                            workers.start_soon(self._worker, None, None)
-                        if start_now < wanted:
-                            group.start_soon(self._ramp, workers, wanted - start_now)
+                        await self._start_workers(group, workers, first)
                     group.cancel_scope.cancel()
             except BaseExceptionGroup as group_error:
                 raise _most_telling(group_error) from None
@@ -1486,29 +1540,73 @@ class _Segmented:
         state.resumed_from = 0
         return state
 
-    async def _ramp(self, workers: anyio.abc.TaskGroup, more: int) -> None:
+    async def _start_workers(
+        self,
+        group: anyio.abc.TaskGroup,
+        workers: anyio.abc.TaskGroup,
+        first: aiohttp.ClientResponse | None,
+    ) -> None:
+        """Start the first connections (and the ramp that may add the others).
+
+        With ``first`` (the open answer to ``bytes=0-``) its connection is the lead: it reads on
+        through every range that nobody else took, and the second connection takes the last
+        range (:meth:`~batch_export.segments.Schedule.claim_tail`), so where one stream already
+        runs as fast as the process can go the download stays one stream plus one short range.
+        """
+        wanted = self._job.connections
+        start_now = wanted if not self._d.ramp else min(wanted, _FIRST_CONNECTIONS)
+        if first is not None:
+            claim = self._schedule.claim()
+            assert claim is not None and claim[0] == 0
+            await self._ensure_sink()
+            workers.start_soon(self._worker, first, _Claim(*claim, claim[0]), True)
+            tail = self._schedule.claim_tail()
+            if tail is not None:
+                workers.start_soon(self._worker, None, _Claim(*tail, tail[0]), False)
+            start_now -= 2
+        else:
+            workers.start_soon(self._worker, None, None, True)
+            start_now -= 1
+        for _ in range(start_now):
+            workers.start_soon(self._worker, None, None, False)
+        if self._d.ramp:
+            group.start_soon(self._ramp, workers)
+        else:
+            self._judged.set()
+
+    async def _ramp(self, workers: anyio.abc.TaskGroup) -> None:
         """Open the other connections once the first two show that more would help.
 
         Extra streams pay off where each connection is capped (object stores cap each one at
         tens of MB/s; long round trips cap a TCP stream). Where one stream is fast (a fast link),
         or this process already moves a lot (several downloads at once), the event loop thread
-        is the limit and more streams only add wake-ups and smaller reads per MiB (profiled, see
+        is the limit and more streams only add wake-ups, smaller reads per MiB, writes racing
+        for the file's lock and bytes read back for the hash (profiled, see
         ``benchmarks/RESULTS.md``). So over each :data:`_RAMP_PROBE` seconds (real time) the
-        rate per open connection and the process's rate are measured; when both are below
-        ``fast_connection`` and ``fast_process`` the remaining connections open at once, else
-        the check repeats while ranges are left.
+        rate per working connection and the process's rate are measured; when both are below
+        ``fast_connection`` and ``fast_process`` the other connections open at once; else the
+        download is judged fast (the second connection stops after its range, the lead reads
+        on) and the check repeats while ranges are left.
         """
         downloader = self._d
-        while more and self._schedule.unclaimed:
-            mine, everyone, wall = self._received, downloader.bytes_received, time.perf_counter()
-            await anyio.sleep(_RAMP_PROBE)
-            seconds = max(1e-9, time.perf_counter() - wall)
-            per_connection = (self._received - mine) / seconds / max(1, self._workers)
-            process = (downloader.bytes_received - everyone) / seconds
-            if per_connection < downloader.fast_connection and process < downloader.fast_process:
-                for _ in range(more):
-                    workers.start_soon(self._worker, None, None)
-                return
+        try:
+            while self._schedule.unclaimed:
+                mine, everyone = self._received, downloader.bytes_received
+                wall = time.perf_counter()
+                await anyio.sleep(_RAMP_PROBE)
+                seconds = max(1e-9, time.perf_counter() - wall)
+                per_connection = (self._received - mine) / seconds / max(1, self._active)
+                process = (downloader.bytes_received - everyone) / seconds
+                fast = per_connection >= downloader.fast_connection
+                if not fast and process < downloader.fast_process:
+                    self._fast = False
+                    for _ in range(self._job.connections - self._active):
+                        workers.start_soon(self._worker, None, None, False)
+                    return
+                self._fast = True
+                self._judged.set()
+        finally:
+            self._judged.set()
 
     async def _recorder(self) -> None:
         while True:
@@ -1538,11 +1636,29 @@ class _Segmented:
                 self._sink = sink
             return self._sink
 
-    async def _worker(self, first: aiohttp.ClientResponse | None, claim: _Claim | None) -> None:
-        self._state.connections = self._workers = self._workers + 1
+    async def _worker(
+        self, first: aiohttp.ClientResponse | None, claim: _Claim | None, lead: bool
+    ) -> None:
+        """One connection: fetch claimed ranges until none is left.
+
+        A connection other than the lead also stops once the download is judged fast: then
+        the lead alone reads on.
+        """
+        self._active += 1
+        self._state.connections = max(self._state.connections, self._active)
+        try:
+            await self._work(first, claim, lead)
+        finally:
+            self._active -= 1
+
+    async def _work(
+        self, first: aiohttp.ClientResponse | None, claim: _Claim | None, lead: bool
+    ) -> None:
         budget = self._d._retry.budget(self._job.job_key)
         while True:
             if claim is None:
+                if not lead and not await self._wanted():
+                    return
                 taken = self._schedule.claim()
                 if taken is None:
                     return
@@ -1551,7 +1667,7 @@ class _Segmented:
                 if first is not None:
                     response, first = first, None
                     try:
-                        await self._copy(response, claim)
+                        await self._copy(response, claim, open_ended=True)
                     finally:
                         response.release()
                 else:
@@ -1569,6 +1685,13 @@ class _Segmented:
                 raise
             claim = None
             budget = self._d._retry.budget(self._job.job_key)
+
+    async def _wanted(self) -> bool:
+        """Whether a connection other than the lead should claim another range."""
+        if not self._schedule.unclaimed:
+            return False
+        await self._judged.wait()
+        return not self._fast
 
     async def _fetch(self, claim: _Claim) -> None:
         headers = {
@@ -1622,18 +1745,20 @@ class _Segmented:
         await self._d._accept(resp, Transfer(), start)  # raises for every other status
         raise _Retry(f"storage answered HTTP {status}", code=f"http_{status}", single=True)
 
-    async def _copy(self, resp: aiohttp.ClientResponse, claim: _Claim) -> None:
+    async def _copy(
+        self, resp: aiohttp.ClientResponse, claim: _Claim, *, open_ended: bool = False
+    ) -> None:
         """Write the body's bytes for ``[claim.reached, claim.stop)`` at their offsets.
 
-        Pieces of :data:`PIECE_SIZE` bytes (one CRC block) are the received chunks themselves
-        (views, no copy), written with one ``pwritev`` in a worker thread while the next piece
-        arrives; the download's budget of pieces bounds how many exist at once. Stops reading at
-        ``claim.stop``. On a failure, what was received is still written up to the last whole
-        block (the rest is fetched again).
+        The received chunks are gathered into reused buffers of :data:`PIECE_SIZE` bytes (one
+        CRC block), each written with one ``pwrite`` in a worker thread while the next piece
+        arrives; the download's budget of buffers bounds how many exist at once. Stops reading at
+        ``claim.stop``, unless the body runs on (``open_ended``: the answer to ``bytes=0-``) and
+        the next range is still unclaimed: then the claim grows by it and reading goes on. On a
+        failure, what was received is still written up to the last whole block (the rest is
+        fetched again).
         """
-        budget = self._pieces
-        parts: list[memoryview] = []
-        held = False  # this piece's place in the budget
+        piece: memoryview | None = None  # the buffer being filled (its place in the budget)
         fill, piece_start = 0, claim.reached
         pending: asyncio.Task[None] | None = None
         ok = False
@@ -1641,11 +1766,10 @@ class _Segmented:
             async for chunk in resp.content.iter_any():
                 view = memoryview(chunk)
                 while view:
-                    if not held:
-                        await budget.acquire()
-                        held = True
+                    if piece is None:
+                        piece = await self._take_buffer()
                     count = min(PIECE_SIZE - fill, len(view), claim.stop - piece_start - fill)
-                    parts.append(view[:count])
+                    piece[fill : fill + count] = view[:count]
                     fill += count
                     self._received += count
                     self._d.bytes_received += count
@@ -1653,9 +1777,11 @@ class _Segmented:
                     if fill == PIECE_SIZE or piece_start + fill == claim.stop:
                         if pending is not None:
                             await asyncio.shield(pending)
-                        piece, parts, held = parts, [], False
-                        pending = asyncio.ensure_future(self._put(claim, piece_start, piece, fill))
+                        full, piece = piece, None
+                        pending = asyncio.ensure_future(self._put(claim, piece_start, full, fill))
                         piece_start, fill = piece_start + fill, 0
+                        if open_ended and piece_start == claim.stop:
+                            claim.stop = self._schedule.extend(claim.stop) or claim.stop
                     if piece_start == claim.stop:
                         break
                 if piece_start == claim.stop:
@@ -1668,12 +1794,12 @@ class _Segmented:
                         await pending  # a failed write raises here
                     end = piece_start + fill
                     keep = fill if end == self._total else fill - fill % CRC_BLOCK
-                    if held and keep and not ok:
-                        held = False
-                        await self._put(claim, piece_start, _first_bytes(parts, keep), keep)
+                    if piece is not None and keep and not ok:
+                        full, piece = piece, None
+                        await self._put(claim, piece_start, full, keep)
                 finally:
-                    if held:
-                        budget.release()
+                    if piece is not None:
+                        self._give_buffer(piece)
         if not ok:
             raise _Retry(
                 f"storage sent {claim.reached - claim.start} of the "
@@ -1681,28 +1807,33 @@ class _Segmented:
                 code="truncated",
             )
 
-    async def _put(self, claim: _Claim, offset: int, parts: list[memoryview], count: int) -> None:
-        """Write ``parts`` (``count`` bytes) at ``offset``, record it, free its budget place."""
+    async def _take_buffer(self) -> memoryview:
+        """A :data:`PIECE_SIZE` buffer for the next piece, once the download's budget allows."""
+        await self._pieces.acquire()
+        return self._spare.pop() if self._spare else memoryview(bytearray(PIECE_SIZE))
+
+    def _give_buffer(self, buffer: memoryview) -> None:
+        self._spare.append(buffer)
+        self._pieces.release()
+
+    async def _put(self, claim: _Claim, offset: int, buffer: memoryview, count: int) -> None:
+        """Write ``buffer``'s first ``count`` bytes at ``offset``, record it, free the buffer."""
         assert self._sink is not None
         try:
-            await _local(self._sink.write, offset, parts)
+            await _local(self._sink.write, offset, buffer[:count])
         finally:
-            self._pieces.release()
+            self._give_buffer(buffer)
         claim.reached = offset + count
         self._schedule.progress(offset, offset + count)
         self._job.on_bytes(count)
-        self._dirty.set()
-
-
-def _first_bytes(parts: list[memoryview], count: int) -> list[memoryview]:
-    """The first ``count`` bytes of ``parts``, as views."""
-    out: list[memoryview] = []
-    for part in parts:
-        if count <= 0:
-            break
-        out.append(part[:count])
-        count -= len(out[-1])
-    return out
+        self._unsaved += count
+        # Each commit costs the store thread a wake-up: with fewer connections working than
+        # allowed, the progress of the idle ones' share is committed at once, so a kill -9 still
+        # costs at most ``connections`` pieces in all (in flight and not yet committed).
+        idle = self._job.connections - self._active
+        if self._unsaved >= PIECE_SIZE * max(1, idle):
+            self._unsaved = 0
+            self._dirty.set()
 
 
 def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:

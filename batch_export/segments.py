@@ -6,7 +6,7 @@ its caller, which persists them (the ``segments`` table of the state store) so a
 one connection, or an expired URL costs only the missing ranges.
 
 Ranges are half-open ``(start, stop)`` byte offsets. Ranges are handed out in file order (the first
-missing byte first), so the contiguous prefix (which the SHA-256/MD5 follow) grows steadily, and
+missing byte first; only a download's second connection starts with the last unit), so the contiguous prefix (which the SHA-256/MD5 follow) grows steadily, and
 with *guided* sizes: a claim takes ``remaining / (2 × connections)`` bytes, never less than
 ``unit_min``, so the last ranges are small and no connection is left with a long tail while the
 others idle. Sizes are multiples of ``align`` (the CRC block), so every piece a connection writes
@@ -135,6 +135,34 @@ class Schedule:
         end = min(end, stop)
         self._free = ((end, stop), *self._free[1:]) if end < stop else self._free[1:]
         return start, end
+
+    def claim_tail(self) -> tuple[int, int] | None:
+        """Take the last unit of the unclaimed bytes (``None`` if nothing is left).
+
+        The second connection of a download starts here, at the far end, so the first one,
+        whose answer to ``bytes=0-`` runs on to the end, can keep reading (:meth:`extend`)
+        instead of stopping where the next range begins: where one connection is already as
+        fast as the process can go, the download is then one long stream plus one short range.
+        """
+        if not self._free:
+            return None
+        start, stop = self._free[-1]
+        begin = max(start, (stop - self._unit) // self._align * self._align)
+        if begin - start < self._unit // 2:  # no sliver left behind
+            begin = start
+        self._free = (*self._free[:-1], (start, begin)) if begin > start else self._free[:-1]
+        return begin, stop
+
+    def extend(self, position: int) -> int | None:
+        """Claim the next range if it starts at ``position``; return its end (else ``None``).
+
+        For a connection whose answer goes on past the end of its claim (``bytes=0-``).
+        """
+        if not self._free or self._free[0][0] != position:
+            return None
+        claim = self.claim()
+        assert claim is not None
+        return claim[1]
 
     def release(self, start: int, stop: int) -> None:
         """Give back the unfetched rest ``[start, stop)`` of a claim (its connection failed)."""

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 from aiohttp import web
 
+from batch_export.allocator import keep_freed_memory
 from batch_export.manifest import ExportSpec
 from batch_export.runner import Runner, Settings
 from batch_export.store import SqliteStore
@@ -98,6 +99,7 @@ async def _main(urls: list[str], out: Path, connections: int | None) -> dict[str
 def main() -> None:
     """Run the downloads named by ``sys.argv[1]`` and print the JSON figures."""
     args = json.loads(sys.argv[1])
+    keep_freed_memory()  # as the CLI does at start
     figures = anyio.run(_main, list(args["urls"]), Path(args["out"]), args.get("connections"))
     print(json.dumps(figures), flush=True)
 

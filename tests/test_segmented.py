@@ -207,6 +207,26 @@ def test_a_package_just_over_the_minimum_still_gets_two_ranges() -> None:
     assert schedule.claim() is None
 
 
+def test_the_tail_claim_takes_the_last_unit_and_the_lead_extends_through_the_rest() -> None:
+    schedule = Schedule(SegmentState(10 * MIB + 5), connections=2, unit_min=MIB, align=MIB)
+    assert schedule.claim() == (0, 3 * MIB)
+    assert schedule.claim_tail() == (9 * MIB, 10 * MIB + 5)  # aligned start, the entity's end
+    assert schedule.extend(2 * MIB) is None  # not where the unclaimed bytes begin
+    reached = 3 * MIB
+    while (stop := schedule.extend(reached)) is not None:
+        assert stop > reached and stop % MIB == 0
+        reached = stop
+    assert reached == 9 * MIB and schedule.unclaimed == 0
+    assert schedule.claim() is None and schedule.claim_tail() is None
+
+
+def test_a_tail_claim_leaves_no_sliver_in_front_of_it() -> None:
+    schedule = Schedule(SegmentState(4 * MIB), connections=8, unit_min=2 * MIB, align=MIB)
+    assert schedule.claim() == (0, 2 * MIB)
+    assert schedule.claim_tail() == (2 * MIB, 4 * MIB)
+    assert schedule.unclaimed == 0
+
+
 def test_resumed_schedule_claims_only_what_is_missing() -> None:
     done = ((0, 4 * MIB), (6 * MIB, 8 * MIB))
     schedule = Schedule(SegmentState(10 * MIB, done), connections=1, unit_min=MIB, align=MIB)
@@ -237,6 +257,39 @@ def test_range_sink_hashes_in_order_whatever_order_pieces_arrive(tmp_path: Path)
     assert sha256 == hashlib.sha256(data).hexdigest()
     assert md5 == hashlib.md5(data, usedforsecurity=False).hexdigest()
     assert crcs == [zlib.crc32(data[i : i + CRC_BLOCK]) for i in range(0, len(data), CRC_BLOCK)]
+
+
+def test_range_sink_hashes_pieces_in_file_order_from_memory_without_reading_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(5 * CRC_BLOCK + 123)
+    part = tmp_path / "x.part"
+    sink = download._RangeSink(part, tmp_path, SegmentState(len(data)), md5=True)
+    read_back: list[tuple[int, int]] = []
+    monkeypatch.setattr(sink, "_read_back", lambda a, b: read_back.append((a, b)))
+    for start in range(0, len(data), CRC_BLOCK):
+        sink.write(start, memoryview(data[start : start + CRC_BLOCK]))
+    sha256, md5 = sink.finish()
+    sink.close()
+    assert read_back == []  # every piece extended the prefix: hashed while it was written
+    assert sha256 == hashlib.sha256(data).hexdigest()
+    assert md5 == hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def test_a_failed_write_at_the_prefix_leaves_the_sink_unable_to_finish(tmp_path: Path) -> None:
+    data = os.urandom(2 * CRC_BLOCK)
+    part = tmp_path / "x.part"
+    sink = download._RangeSink(part, tmp_path, SegmentState(len(data)), md5=False)
+    fd = sink._fd
+    sink._fd = os.open(os.devnull, os.O_RDONLY)  # the write fails (EBADF) after hashing began
+    with pytest.raises(OSError):
+        sink.write(0, memoryview(data[:CRC_BLOCK]))
+    os.close(sink._fd)
+    sink._fd = fd
+    sink.write(CRC_BLOCK, memoryview(data[CRC_BLOCK:]))  # read back is impossible: not on disk
+    with pytest.raises(OSError, match="a write to the .part failed"):
+        sink.finish()  # the SHA-256 took bytes that never reached the disk: never trusted
+    sink.close()
 
 
 def test_range_sink_resumes_ranges_left_by_an_earlier_run(tmp_path: Path) -> None:
@@ -357,7 +410,9 @@ async def test_one_segment_reset_midway_refetches_only_that_range(
     # the rest of the broken range, from its first missing whole block, was asked again
     assert any(first == start + CRC_BLOCK for first, _ in asked)
     requests = gets(sandbox)
-    wasted = requests[0].bytes_sent - (asked[1][0] if len(asked) > 1 else 0)
+    # the first GET (bytes=0-) was used up to the lowest range anyone else asked
+    used_of_first = min((first for first, _ in asked[1:]), default=0)
+    wasted = requests[0].bytes_sent - used_of_first
     segment = max((stop or 0) - first for first, stop in asked[1:])
     assert served(sandbox) - max(0, wasted) <= len(data) + segment
     assert served(sandbox) - max(0, wasted) == len(data) + 1000  # exactly the partial block
@@ -513,9 +568,18 @@ async def test_connections_that_are_not_capped_stay_at_two(
         on_segments=calls.on_segments,
         root=tmp_path,
     )
-    assert_exact(part, transfer, package(sandbox))
+    data = package(sandbox)
+    assert_exact(part, transfer, data)
     assert transfer.connections == 2  # SPEC §4: more than one, always
     assert downloader.bytes_received >= transfer.size
+    # The second connection took the last range and stopped; the first read on through the
+    # rest of its bytes=0- answer: two GETs in all, the second exactly the tail.
+    tail = (len(data) - MIB) // MIB * MIB
+    assert ranges_asked(sandbox) == [(0, None), (tail, len(data))]
+    assert gets(sandbox)[1].bytes_sent == len(data) - tail
+    # With one connection of eight working, progress is committed every 6-7 pieces, not each.
+    assert calls.states[-1] == SegmentState(len(data), ((0, len(data)),))
+    assert len(calls.states) <= 2 + -(-len(data) // (6 * MIB))
 
 
 # ------------------------------------------------------------------------------- whole runs (CLI)

@@ -287,7 +287,7 @@ def test_a_failed_write_at_the_prefix_leaves_the_sink_unable_to_finish(tmp_path:
     os.close(sink._fd)
     sink._fd = fd
     sink.write(CRC_BLOCK, memoryview(data[CRC_BLOCK:]))  # read back is impossible: not on disk
-    with pytest.raises(OSError, match="a write to the .part failed"):
+    with pytest.raises(OSError, match=r"a write to the \.part failed"):
         sink.finish()  # the SHA-256 took bytes that never reached the disk: never trusted
     sink.close()
 

@@ -25,7 +25,7 @@ from batch_export.lifecycle import (
 )
 from batch_export.sandbox import Sandbox, SandboxConfig
 from batch_export.types import JobRecord, JobState, Outcome, Problem
-from tests.fakes import clean_env, sandbox_thread
+from tests.fakes import clean_env, cli_in_process, sandbox_thread
 
 UNKNOWN = Problem("unknown_asset", "asset 'x' is not known", 400)
 
@@ -163,15 +163,12 @@ def nightly(
 
 
 def stored_failure_runs(manifest: Path) -> list[tuple[str, str, int]]:
-    """(insight_id, state, failure_runs) of the manifest's failed/abandoned jobs, from ``status``."""
-    status = subprocess.run(
-        [sys.executable, "-m", "batch_export", "status", str(manifest), "--json", "--failed"],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=60,
-        check=False,
-    )
+    """(insight_id, state, failure_runs) of the manifest's failed/abandoned jobs, from ``status``.
+
+    In this process (tests/fakes.py): a read of the store, no interpreter start each night.
+    """
+    args = ["status", str(manifest), "--json", "--failed"]
+    status = cli_in_process(args, env={}, cwd=manifest.parent)
     return [
         (j["insight_id"], j["state"], j["failure_runs"]) for j in json.loads(status.stdout)["jobs"]
     ]

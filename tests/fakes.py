@@ -81,9 +81,10 @@ def cli_in_process(args: list[str], *, env: dict[str, str], cwd: Path) -> CliRes
     """``python -m batch_export ARGS`` in this process (click's ``CliRunner``), in ``cwd``.
 
     The same exit code, stdout and stderr as the subprocess, without its ~0.4 s interpreter start:
-    for refusals that end before any run. The environment is :func:`clean_env` plus ``env``; the
-    signal handlers and the ``batch_export`` logger are put back afterwards. A test about the
-    process itself (signals, a broken pipe, what reaches a real stderr) keeps the subprocess.
+    for refusals that end before any run, and reads (``status``, ``discover``). The environment is
+    :func:`clean_env` plus ``env``; the signal handlers and the loggers the CLI configures are put
+    back afterwards. A test about the process itself (signals, a broken pipe, what reaches a real
+    stderr) keeps the subprocess.
     """
     from click.testing import CliRunner
 
@@ -94,15 +95,20 @@ def cli_in_process(args: list[str], *, env: dict[str, str], cwd: Path) -> CliRes
     }
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     handlers = {s: signal.getsignal(s) for s in signals}
-    logger = logging.getLogger("batch_export")
-    kept = (logger.level, list(logger.handlers), logger.propagate)
+    # The loggers the CLI configures (batch_export/logs.py configure_logging, the sandbox command).
+    loggers = [logging.getLogger(n) for n in _CLI_LOGGERS]
+    kept = [(lg.level, list(lg.handlers), lg.propagate) for lg in loggers]
     try:
         with contextlib.chdir(cwd):
             result = CliRunner().invoke(main, args, env=unset | env, catch_exceptions=False)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        logger.setLevel(kept[0])
-        logger.handlers[:] = kept[1]
-        logger.propagate = kept[2]
+        for logger, (level, old_handlers, propagate) in zip(loggers, kept, strict=True):
+            logger.setLevel(level)
+            logger.handlers[:] = old_handlers
+            logger.propagate = propagate
     return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+_CLI_LOGGERS = ("batch_export", "batch_export.sandbox", "aiohttp", "asyncio")

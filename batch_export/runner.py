@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 import anyio
 
@@ -44,6 +44,7 @@ from batch_export.download import (
     verify_package,
 )
 from batch_export.errors import (
+    BatchExportError,
     IllegalTransition,
     JobError,
     LocalIOError,
@@ -831,6 +832,7 @@ class Runner:
         A held 401/403 failure of a run in which no answer accepted the key fails without counting
         toward abandoning the job (:func:`~batch_export.lifecycle.uncounted`).
         """
+        await self._prove_key()
         held, self._held = self._held, {}
         doubted = 0
         for entry in held.values():
@@ -848,6 +850,29 @@ class Runner:
                 "check the key; these failures do not count toward abandoning the jobs",
                 doubted,
             )
+
+    async def _prove_key(self) -> None:
+        """Held 401/403 failures and no answer accepted the key: ask the API once, cheaply.
+
+        One ``GET /v0/aois?offset=0&limit=1`` (SPEC §7's listing; one request, counted as every
+        other): a 200 proves the key, so the breaker releases the held jobs and their 403s count
+        as their own (a forbidden AOI is abandoned in time); any failure leaves them in doubt.
+        Not when the breaker opened or the run is being stopped.
+        """
+        if self._breaker.opened is not None or self._breaker.key_proven or self.stop.requested:
+            return
+        if not any(self._key_in_doubt(self._values[key]) for key in self._held):
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._client.request_json(
+                    "GET",
+                    "/v0/aois",
+                    params={"offset": "0", "limit": "1"},
+                    deadline=self._clock.monotonic() + _KEY_PROBE_SECONDS,
+                )
+            except BatchExportError as exc:
+                log.debug("the key check GET /v0/aois failed: %s", exc.message)
 
     def _key_in_doubt(self, value: JobValue) -> bool:
         """A 401/403 failure in a run where no answer accepted the key: maybe the key, not the job."""
@@ -930,6 +955,9 @@ class Runner:
             and job.key not in self._abandoned_before,
         )
 
+
+#: At most this long (seconds) for the one key check at the end of a run (:meth:`Runner._prove_key`).
+_KEY_PROBE_SECONDS: Final = 30.0
 
 #: The job whose task is running (each job runs in its own task): names API attempts for the breaker.
 _CURRENT_JOB: ContextVar[str] = ContextVar("batch_export_job", default="")

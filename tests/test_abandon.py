@@ -309,3 +309,26 @@ def test_a_forbidden_aoi_beside_a_working_one_is_still_abandoned(
     assert doc["jobs"][1]["outcome"] == "abandoned"
     assert doc["jobs"][1]["error"]["code"] == "permission_denied"
     assert stored_failure_runs(manifest) == [(bad.id, "abandoned", 3)]
+
+
+def test_a_forbidden_aoi_alone_is_abandoned_once_a_listing_proves_the_key(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    # No answer of the run accepted the key (its only job got a 403): one GET /v0/aois?limit=1 at
+    # the end tells a forbidden AOI (200: the key works, the 403 is the AOI's) from a bad key.
+    aoi = sandbox.catalog.aois[1]
+    sandbox.config.denied_aois = frozenset({aoi.id})
+    ins = aoi.insights[0]
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "version: 1\nlimits: {poll_interval: 0.05s, rate: 50}\nexports:\n"
+        f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", outputs: ["{ins.outputs[0]}"]}}\n'
+    )
+    for night, expected in ((1, 1), (2, 1), (3, 0)):
+        code, stderr, doc = nightly(manifest, sandbox)
+        assert code == expected, (night, stderr)
+        assert "no answer of this run accepted the API key" not in stderr
+    assert doc["jobs"][0]["outcome"] == "abandoned"
+    probes = [r for r in sandbox.requests_to("api", "GET") if r.path == "/v0/aois"]
+    assert len(probes) == 3 and {r.status for r in probes} == {200}
+    assert stored_failure_runs(manifest) == [(ins.id, "abandoned", 3)]

@@ -119,6 +119,10 @@ async def run_export(
         raise UsageError(clash)
     for option, path in files.items():
         check_writable(option, path)
+    if settings.out_url is None and settings.out_dir.exists() and not settings.out_dir.is_dir():
+        raise UsageError(
+            f"the output dir {settings.out_dir} is a file, not a folder (--out or output.dir)"
+        )
     check_local_state_dir(settings.state_dir)  # SQLite and the flock need a local disk
     if settings.out_url is not None:  # packages are verified there before the upload
         check_local_staging(settings.out_dir)

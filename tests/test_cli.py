@@ -393,4 +393,20 @@ def test_a_demo_that_could_not_run_does_not_say_where_the_packages_are(tmp_path:
     result = cli_in_process(["demo", "--out", str(blocker)], env={}, cwd=tmp_path)
     assert result.returncode == 2
     assert "packages are in" not in result.stdout + result.stderr
-    assert "cannot use the state dir" in result.stderr
+    assert "is a file, not a folder" in result.stderr
+
+
+def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    # It said "cannot use the state dir <file>/.batch-export: Not a directory".
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        'version: 1\nexports:\n  - {aoi_id: "a", insight_id: "i", outputs: ["o"]}\n'
+    )
+    args = ["run", str(manifest), "--api-url", "http://127.0.0.1:9", "--out", str(blocker)]
+    result = cli_in_process(args, env={"PIXXEL_API_KEY": "k"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"batch-export: the output dir {blocker} is a file, not a folder (--out or output.dir)"
+    ]

@@ -599,9 +599,7 @@ class Runner:
                 return await self._upload(job, context)
             case DiscardPart():
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(
-                        _discard_quietly, context.part, self.settings.out_dir
-                    )
+                    await anyio.to_thread.run_sync(_discard_quietly, context.part, self._write_root)
                     await self._store.save_segments(job.key, None)
                 return None
             case StopDownloads():
@@ -679,7 +677,7 @@ class Runner:
                 segment_min=self.settings.segment_min,
                 segments=segments,
                 on_segments=on_segments,
-                root=self.settings.out_dir,
+                root=self._write_root,
             )
         except PartBusy as exc:  # another process writes this .part: not this job's failure
             self._part_busy(job, exc)
@@ -699,9 +697,7 @@ class Runner:
             with part_held(context.part):  # no other process empties it while it is checked
                 await anyio.to_thread.run_sync(verify_package, context.part, transfer)
                 await anyio.to_thread.run_sync(
-                    functools.partial(
-                        commit_part, context.part, job.final, root=self.settings.out_dir
-                    )
+                    functools.partial(commit_part, context.part, job.final, root=self._write_root)
                 )
             await self._store.save_segments(job.key, None)
         except PartBusy as exc:
@@ -772,6 +768,19 @@ class Runner:
                 extra={"event": "run_error", "error_code": STATE_STORE},
             )
         self.stop.request(STATE_STORE)
+
+    @property
+    def _write_root(self) -> Path:
+        """The folder below which no path component may be a symlink when packages are written.
+
+        The output dir (the operator's; it may itself be a link), except for the default staging
+        folder of an object-store output, ``<state-dir>/staging``: it is the state dir's, checked
+        for a link at start and, through this root, at every write (a link made mid-run).
+        """
+        settings = self.settings
+        if settings.out_url is not None and settings.out_dir == settings.state_dir / "staging":
+            return settings.state_dir
+        return settings.out_dir
 
     def _check_inside_out_dir(self, final: Path) -> None:
         """Refuse a final path that a symlink inside the output dir would send elsewhere.

@@ -88,3 +88,37 @@ def test_a_reports_link_made_after_the_start_is_not_followed(
     ]
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("summary:"))
     assert summary.endswith("; exit 0; report not written (see the error above)")
+
+
+def test_the_default_staging_folder_is_written_below_the_state_dir_never_through_a_link(
+    tmp_path: Path,
+) -> None:
+    # With --out s3://..., packages are staged in <state-dir>/staging, a state-dir entry checked
+    # for a link at start only: the writes used it as their root, so a link made there mid-run
+    # was followed. The writes' root is now the state dir, below which nothing is a link.
+    from dataclasses import replace
+
+    from batch_export import safepath
+    from batch_export.runner import Runner
+    from batch_export.store import MemoryStore
+    from tests.test_breaker_runs import settings
+
+    state = tmp_path / "state"
+    base = replace(settings("http://127.0.0.1:9", tmp_path), state_dir=state)
+    staged = replace(base, out_url="s3://bucket/prefix", out_dir=state / "staging")
+    own_staging = replace(staged, out_dir=tmp_path / "my-staging")
+
+    def root(of: object) -> Path:
+        runner = Runner(of, [], api_key="k", store=MemoryStore(), observer=None)  # type: ignore[arg-type]
+        return runner._write_root
+
+    assert root(staged) == state
+    assert root(own_staging) == tmp_path / "my-staging"  # the operator's: it may be a link
+    assert root(base) == base.out_dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    state.mkdir()
+    (state / "staging").symlink_to(elsewhere)
+    with pytest.raises(safepath.PathProblem, match="'staging' is a symlink, not a folder"):
+        safepath.open_dir(state / "staging" / "aoi" / "ins", root(staged))
+    assert list(elsewhere.iterdir()) == []

@@ -94,6 +94,7 @@ async def run_export(
         log.warning("%s", warning, extra={"event": "manifest_warning"})
     settings = resolve_settings(manifest, options)
     if options.dry_run:
+        check_own_files(manifest, settings)
         specs = select_shard(manifest.exports, options.shard)
         return ExportResult(
             exit_code=0, run_id=run_id, plan=tuple(plan_lines(manifest, settings, specs))
@@ -112,11 +113,7 @@ async def run_export(
     )
     if clash:
         raise UsageError(clash)
-    protected = [("the manifest", manifest.path)]
-    protected += [("the API key file", path) for path in key_files(manifest)]
-    clash = package_file_clash(protected, specs=manifest.exports, settings=settings)
-    if clash:
-        raise UsageError(clash)
+    check_own_files(manifest, settings)
     for option, path in files.items():
         check_writable(option, path)
     if settings.out_url is None and settings.out_dir.exists() and not settings.out_dir.is_dir():
@@ -138,6 +135,19 @@ async def run_export(
                 return await _run_locked(
                     manifest, settings, options, api_key, redactor, run_id, store, stop, uploader
                 )
+
+
+def check_own_files(manifest: Manifest, settings: Settings) -> None:
+    """Refuse a package (or its ``.part``) onto the manifest or the API key file.
+
+    Raises:
+        UsageError: one would be (one line naming the export and the file).
+    """
+    protected = [("the manifest", manifest.path)]
+    protected += [("the API key file", path) for path in key_files(manifest)]
+    clash = package_file_clash(protected, specs=manifest.exports, settings=settings)
+    if clash:
+        raise UsageError(clash)
 
 
 @asynccontextmanager

@@ -274,9 +274,17 @@ def run(
 @click.argument("manifest", type=click.Path(path_type=Path))
 def validate(manifest: Path) -> None:
     """Check the MANIFEST and print the plan; requests nothing. Exit 0 if valid, 2 if not."""
+    from batch_export.app import check_own_files
+    from batch_export.config import resolve_settings
+
     loaded = _load(manifest)
     for warning in loaded.warnings:
         click.echo(f"warning: {warning}", err=True)
+    try:  # with the manifest's own settings, as a run without options resolves them
+        check_own_files(loaded, resolve_settings(loaded, RunOptions()))
+    except BatchExportError as exc:
+        click.echo(f"batch-export: {exc.message}", err=True)
+        sys.exit(2)
     for line in plan_lines(loaded, None):
         click.echo(line)
 

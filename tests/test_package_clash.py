@@ -65,3 +65,16 @@ def test_a_package_onto_the_key_file_from_the_environment_is_refused(tmp_path: P
     assert result.returncode == 2
     assert "would write onto the API key file" in result.stderr
     assert key.read_text() == "secret-key-value\n"
+
+
+@pytest.mark.parametrize("command", [["validate"], ["run", "--dry-run"]])
+def test_validate_and_dry_run_refuse_it_too(tmp_path: Path, command: list[str]) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(manifest_text("m.yaml"))
+    result = cli_in_process([*command, "m.yaml"], env={"PIXXEL_API_KEY": "k"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"batch-export: export a1/i1 (m.yaml) would write onto the manifest {manifest}; "
+        "change its name or output.path"
+    ]
+    assert result.stdout == ""

@@ -27,11 +27,13 @@ from batch_export.config import (
     key_files,
     output_file_clash,
     package_file_clash,
+    package_file_clashes,
     resolve_api_key,
     resolve_settings,
     select_shard,
     state_dir_links,
 )
+from batch_export.discovery import PATH_CLASH
 from batch_export.errors import BatchExportError, UsageError
 from batch_export.http import check_environment
 from batch_export.lifecycle import job_key, shard_of
@@ -52,6 +54,7 @@ from batch_export.types import (
     REPORTS_DIR,
     Discovered,
     ExportResult,
+    Problem,
     RunObserver,
     RunResult,
     Settings,
@@ -143,11 +146,16 @@ def check_own_files(manifest: Manifest, settings: Settings) -> None:
     Raises:
         UsageError: one would be (one line naming the export and the file).
     """
-    protected = [("the manifest", manifest.path)]
-    protected += [("the API key file", path) for path in key_files(manifest)]
-    clash = package_file_clash(protected, specs=manifest.exports, settings=settings)
+    clash = package_file_clash(_own_files(manifest), specs=manifest.exports, settings=settings)
     if clash:
         raise UsageError(clash)
+
+
+def _own_files(manifest: Manifest) -> list[tuple[str, Path]]:
+    """The files the run reads that no package may overwrite: the manifest, the API key file."""
+    return [("the manifest", manifest.path)] + [
+        ("the API key file", path) for path in key_files(manifest)
+    ]
 
 
 @asynccontextmanager
@@ -353,7 +361,17 @@ def _discover_hook(
             if counter is not None:
                 counter.add_jobs(count)
 
-    return run_hook(manifest, settings, explicit=explicit, keep=keep, on_jobs=on_jobs)
+    listed = run_hook(manifest, settings, explicit=explicit, keep=keep, on_jobs=on_jobs)
+    own = _own_files(manifest)
+
+    async def hook(client: PixxelClient) -> Discovered:
+        found = await listed(client)
+        # A discovered name can land on the manifest too ({insight_name} beside it): path_clash.
+        clashes = package_file_clashes(own, specs=found.specs, settings=settings)
+        failures = {i: Problem(PATH_CLASH, m) for i, m in clashes.items()} | dict(found.failures)
+        return replace(found, failures=failures) if clashes else found
+
+    return hook
 
 
 def _write_end_file(what: str, path: Path, write: Callable[[], None]) -> bool:

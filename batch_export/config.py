@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Final
@@ -39,6 +39,7 @@ __all__ = [
     "key_files",
     "output_file_clash",
     "package_file_clash",
+    "package_file_clashes",
     "parse_output_url",
     "parse_shard",
     "resolve_api_key",
@@ -323,36 +324,50 @@ def output_file_clash(
 
 
 def package_file_clash(
-    protected: list[tuple[str, Path]], *, specs: tuple[ExportSpec, ...], settings: Settings
+    protected: list[tuple[str, Path]], *, specs: Sequence[ExportSpec], settings: Settings
 ) -> str | None:
     """Return why a package (or its ``.part``) would overwrite one of the run's own files, or None.
 
     ``protected`` pairs a description (``"the manifest"``, ``"the API key file"``) with a file the
     run reads; with ``output.dir: "."`` and ``output.path: "{name}"`` an entry named like it would be
-    downloaded onto it. Compared as for :func:`output_file_clash` (relative to the output dir, both
-    spellings, no system call per job).
+    downloaded onto it. The first of :func:`package_file_clashes`.
     """
-    if settings.out_url is not None:  # packages go to the object store, staged under the state dir
-        return None
+    clashes = package_file_clashes(protected, specs=specs, settings=settings)
+    return clashes[min(clashes)] if clashes else None
+
+
+def package_file_clashes(
+    protected: list[tuple[str, Path]], *, specs: Sequence[ExportSpec], settings: Settings
+) -> dict[int, str]:
+    """Every spec (index into ``specs``) whose package or ``.part`` is a ``protected`` file.
+
+    Compared as for :func:`output_file_clash`: relative to the output dir, both spellings, a few
+    system calls per protected file and none per job. An object-store output writes no package
+    beside the manifest: nothing.
+    """
+    if settings.out_url is not None:
+        return {}
     outs = {settings.out_dir.absolute(), Path(_same_file_key(settings.out_dir))}
-    by_relpath = {spec.relpath: spec for spec in specs}
+    wanted: dict[str, tuple[str, Path, bool]] = {}  # relpath -> (what, file, through the .part)
     for what, path in protected:
         for candidate in {path.absolute(), Path(_same_file_key(path))}:
             for out in outs:
-                if not candidate.is_relative_to(out):
-                    continue
-                rel = candidate.relative_to(out).as_posix()
-                spec = by_relpath.get(rel)
-                part = spec is None and rel.endswith(".part")
-                if part:
-                    spec = by_relpath.get(rel.removesuffix(".part"))
-                if spec is not None:
-                    return (
-                        f"export {spec.aoi_id}/{spec.insight_id} ({spec.name}) would write "
-                        f"{'its .part ' if part else ''}onto {what} {path.absolute()}; change its "
-                        "name or output.path"
-                    )
-    return None
+                if candidate.is_relative_to(out):
+                    rel = candidate.relative_to(out).as_posix()
+                    wanted.setdefault(rel, (what, path, False))
+                    if rel.endswith(".part"):
+                        wanted.setdefault(rel.removesuffix(".part"), (what, path, True))
+    found: dict[int, str] = {}
+    for index, spec in enumerate(specs):
+        hit = wanted.get(spec.relpath)
+        if hit is not None:
+            what, path, part = hit
+            found[index] = (
+                f"export {spec.aoi_id}/{spec.insight_id} ({spec.name}) would write "
+                f"{'its .part ' if part else ''}onto {what} {path.absolute()}; change its "
+                "name or output.path"
+            )
+    return found
 
 
 def key_files(manifest: Manifest, environ: dict[str, str] | None = None) -> list[Path]:

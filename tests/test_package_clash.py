@@ -78,3 +78,36 @@ def test_validate_and_dry_run_refuse_it_too(tmp_path: Path, command: list[str]) 
         "change its name or output.path"
     ]
     assert result.stdout == ""
+
+
+def test_a_discovered_package_onto_the_manifest_fails_path_clash(tmp_path: Path) -> None:
+    # Known only once listed: the job fails path_clash, the others go ahead, nothing overwritten.
+    import json
+
+    from batch_export.sandbox import SandboxConfig
+    from tests.fakes import sandbox_thread
+
+    with sandbox_thread(SandboxConfig(keys=("k",), asset_size=500, rate=None)) as sandbox:
+        aoi = sandbox.catalog.aois[0]
+        insight = next(i for i in aoi.insights if i.status == "completed" and not i.deleted_at)
+        manifest = tmp_path / "m.yaml"
+        text = (
+            f'version: 1\napi: {{url: "{sandbox.api_url}"}}\n'
+            'output: {dir: ".", path: "{name}"}\ndiscover:\n'
+            f'  - {{aois: ["{aoi.id}"], name_glob: "{insight.name}", outputs: all, '
+            'name: "m.yaml"}\n'
+        )
+        manifest.write_text(text)
+        report = tmp_path / "r.json"
+        args = ["run", "m.yaml", "--report", str(report), "--no-progress"]
+        result = cli_in_process(args, env={"PIXXEL_API_KEY": "k"}, cwd=tmp_path)
+        puts = sandbox.requests_to("api", "PUT")
+    assert result.returncode == 1, result.stderr
+    assert manifest.read_text() == text
+    (job,) = json.loads(report.read_text())["jobs"]
+    assert (job["outcome"], job["error"]["code"]) == ("failed", "path_clash")
+    assert job["error"]["message"] == (
+        f"export {aoi.id}/{insight.id} (m.yaml) would write onto the manifest {manifest}; "
+        "change its name or output.path"
+    )
+    assert puts == []  # failed before any request

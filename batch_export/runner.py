@@ -34,15 +34,7 @@ import anyio
 from batch_export.api import API_CONNECTIONS, PackageStatus, PixxelClient
 from batch_export.breaker import Breaker, Verdict, interleave_by_aoi
 from batch_export.clock import Clock, SystemClock
-from batch_export.download import (
-    Downloader,
-    Transfer,
-    commit_part,
-    discard_part,
-    local_io_error,
-    part_path,
-    verify_package,
-)
+from batch_export.download import Downloader
 from batch_export.errors import (
     BatchExportError,
     IllegalTransition,
@@ -95,6 +87,7 @@ from batch_export.lifecycle import (
 )
 from batch_export.manifest import ExportSpec
 from batch_export.ownership import index_paths, stored_clash
+from batch_export.partfile import commit_part, discard_part, local_io_error, part_path
 from batch_export.partlock import PartBusy, part_held
 from batch_export.ratelimit import RateLimiter
 from batch_export.redact import Redactor
@@ -112,7 +105,9 @@ from batch_export.types import (
     RunObserver,
     RunResult,
     Settings,
+    Transfer,
 )
+from batch_export.verify import verify_package
 
 __all__ = [
     "Job",

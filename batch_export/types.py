@@ -65,6 +65,7 @@ __all__ = [
     "Settings",
     "StatusKind",
     "StatusVocabulary",
+    "Transfer",
 ]
 
 # ------------------------------------------------------------------------------------ defaults
@@ -537,3 +538,31 @@ class ExportResult:
     report_path: Path | None = None
     plan: tuple[str, ...] = ()
     result: RunResult | None = None
+
+
+@dataclass(slots=True)
+class Transfer:
+    """What was streamed into the ``.part`` and what the server promised about it.
+
+    Attributes:
+        size: bytes in the ``.part`` (bytes).
+        sha256: hex digest of those bytes, computed while streaming.
+        md5: hex digest of those bytes, computed while streaming.
+        expected_size: ``Content-Length`` of a 200 or the total of ``Content-Range`` (bytes).
+        expected_md5: hex MD5 promised by the server (see :func:`_promised_md5`), if any.
+        etag: the entity's ``ETag``, for ``If-Range`` on a later resume.
+        resumed_from: offset (bytes) the last successful request started at.
+        block_crcs: CRC-32 of each :data:`CRC_BLOCK`-byte block of those bytes (the last one may
+            be shorter), computed while streaming; ``None`` if not computed.
+        connections: connections the last attempt used at most (1: a single stream).
+    """
+
+    size: int = 0
+    sha256: str = ""
+    md5: str = ""
+    expected_size: int | None = None
+    expected_md5: str | None = None
+    etag: str | None = None
+    resumed_from: int = 0
+    block_crcs: list[int] | None = None
+    connections: int = 1

@@ -16,9 +16,11 @@ from typing import Any
 import anyio
 import pytest
 
-from batch_export import download
-from batch_export.download import CRC_BLOCK, Transfer, verify_package
+from batch_export import download, partfile, verify
 from batch_export.errors import LocalIOError, VerificationError
+from batch_export.partfile import CRC_BLOCK
+from batch_export.types import Transfer
+from batch_export.verify import verify_package
 
 B = CRC_BLOCK
 
@@ -27,7 +29,7 @@ def blocks_of(data: bytes) -> list[int]:
     return [zlib.crc32(data[i : i + B]) for i in range(0, len(data), B)]
 
 
-def write_in_random_pieces(sink: download._PartSink, data: bytes, seed: int) -> None:
+def write_in_random_pieces(sink: partfile.PartSink, data: bytes, seed: int) -> None:
     rng = random.Random(seed)
     position = 0
     while position < len(data):
@@ -39,7 +41,7 @@ def write_in_random_pieces(sink: download._PartSink, data: bytes, seed: int) -> 
 @pytest.mark.parametrize("size", [0, 1, B - 1, B, B + 1, 3 * B + 4321])
 def test_sink_keeps_sha256_and_block_crcs_of_what_it_wrote(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
-    sink = download._PartSink(tmp_path / "x.part", 0, md5=False)
+    sink = partfile.PartSink(tmp_path / "x.part", 0, md5=False)
     write_in_random_pieces(sink, data, size)
     sha256, md5 = sink.finish()
     sink.close()
@@ -53,7 +55,7 @@ def test_resumed_sink_rehashes_the_prefix_and_md5_catches_up(tmp_path: Path) -> 
     data = os.urandom(2 * B + 999)
     cut = B + 17
     (tmp_path / "x.part").write_bytes(data[:cut] + b"garbage past the resume point")
-    sink = download._PartSink(tmp_path / "x.part", cut, md5=False)
+    sink = partfile.PartSink(tmp_path / "x.part", cut, md5=False)
     sink.write(data[cut : cut + 5000])
     sink.want_md5()  # a later answer promised an MD5: hash what is already on disk first
     sink.write(data[cut + 5000 :])
@@ -65,7 +67,7 @@ def test_resumed_sink_rehashes_the_prefix_and_md5_catches_up(tmp_path: Path) -> 
 
 
 def test_reset_starts_every_digest_again(tmp_path: Path) -> None:
-    sink = download._PartSink(tmp_path / "x.part", 0, md5=True)
+    sink = partfile.PartSink(tmp_path / "x.part", 0, md5=True)
     sink.write(os.urandom(B + 3))
     sink.reset()
     data = os.urandom(B // 2)
@@ -81,7 +83,7 @@ def test_reset_starts_every_digest_again(tmp_path: Path) -> None:
 def test_range_crc_from_blocks_equals_zlib(start: int, end: int) -> None:
     data = os.urandom(5 * B + 7)
     handle = io.BytesIO(data)
-    assert download._range_crc(handle, blocks_of(data), start, end) == zlib.crc32(data[start:end])
+    assert verify._range_crc(handle, blocks_of(data), start, end) == zlib.crc32(data[start:end])
 
 
 def make_zip(members: list[tuple[str, int, int]]) -> bytes:
@@ -212,15 +214,15 @@ async def test_pieces_in_flight_reach_the_file_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = os.urandom(9 * B + 12345)
-    original = download._PartSink.write
+    original = partfile.PartSink.write
     rng = random.Random(3)
 
-    def slow_write(self: download._PartSink, piece: bytes) -> None:
+    def slow_write(self: partfile.PartSink, piece: bytes) -> None:
         time.sleep(rng.random() / 200)  # finish out of step with the receiving side
         original(self, piece)
 
-    monkeypatch.setattr(download._PartSink, "write", slow_write)
-    sink = download._PartSink(tmp_path / "x.part", 0, md5=False)
+    monkeypatch.setattr(partfile.PartSink, "write", slow_write)
+    sink = partfile.PartSink(tmp_path / "x.part", 0, md5=False)
     counted: list[int] = []
     await downloader()._stream(FakeBody(chunked(data, 1)), sink, counted.append)  # type: ignore[arg-type]
     sha256, _ = sink.finish()
@@ -228,7 +230,7 @@ async def test_pieces_in_flight_reach_the_file_in_order(
     assert (tmp_path / "x.part").read_bytes() == data
     assert sha256 == hashlib.sha256(data).hexdigest()
     assert sum(counted) == len(data)
-    assert all(n >= download.PIECE_SIZE for n in counted[:-1])  # SPEC §4: pieces of >= 1 MiB
+    assert all(n >= partfile.PIECE_SIZE for n in counted[:-1])  # SPEC §4: pieces of >= 1 MiB
 
 
 @pytest.mark.anyio
@@ -236,17 +238,17 @@ async def test_a_failed_piece_stops_every_later_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = os.urandom(6 * B)
-    original = download._PartSink.write
+    original = partfile.PartSink.write
     calls: list[int] = []
 
-    def failing_write(self: download._PartSink, piece: bytes) -> None:
+    def failing_write(self: partfile.PartSink, piece: bytes) -> None:
         calls.append(len(piece))
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         original(self, piece)
 
-    monkeypatch.setattr(download._PartSink, "write", failing_write)
-    sink = download._PartSink(tmp_path / "x.part", 0, md5=False)
+    monkeypatch.setattr(partfile.PartSink, "write", failing_write)
+    sink = partfile.PartSink(tmp_path / "x.part", 0, md5=False)
     counted: list[int] = []
     with pytest.raises(LocalIOError) as caught:
         await downloader()._stream(FakeBody(chunked(data, 2)), sink, counted.append)  # type: ignore[arg-type]

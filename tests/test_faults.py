@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import pytest
 
-from batch_export import download
+from batch_export import partfile
 from batch_export.manifest import ExportSpec
 from batch_export.runner import Job, JobResult, Outcome, Runner, RunResult, Settings
 from batch_export.sandbox import (
@@ -828,7 +828,7 @@ async def test_url_known_expired_after_backoff_is_refreshed_before_resume(
 async def test_disk_full_fails_the_job_removes_the_part_and_stops_new_downloads(
     sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = download._PartSink.write
+    original = partfile.PartSink.write
     seen: list[Path] = []
 
     def write(self: Any, data: bytes) -> None:
@@ -836,7 +836,7 @@ async def test_disk_full_fails_the_job_removes_the_part_and_stops_new_downloads(
         seen.append(self.path)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(download._PartSink, "write", write)
+    monkeypatch.setattr(partfile.PartSink, "write", write)
     run = await run_with(sandbox, tmp_path, lambda s: [], jobs=4, downloads=1)
     failed = [j for j in run.result.jobs if j.outcome is Outcome.FAILED]
     assert len(failed) == 1
@@ -855,7 +855,7 @@ async def test_unwritable_output_dir_fails_clearly_and_stops_new_downloads(
     def refusing_open(dir_fd: int, name: str, *, keep: bool) -> Any:
         raise OSError(errno.EROFS, "Read-only file system", name)
 
-    monkeypatch.setattr(download, "open_file", refusing_open)
+    monkeypatch.setattr(partfile, "open_file", refusing_open)
     run = await run_with(sandbox, tmp_path, lambda s: [], jobs=3, downloads=1)
     outcomes = [j.outcome for j in run.result.jobs]
     assert outcomes.count(Outcome.FAILED) == 1 and outcomes.count(Outcome.PENDING) == 2

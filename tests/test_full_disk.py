@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from batch_export import download
+from batch_export import partfile
 from batch_export.runner import Outcome
 from batch_export.sandbox import Sandbox, SandboxConfig
 from tests.fakes import clean_env, sandbox_thread
@@ -34,7 +34,7 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 async def test_a_write_failing_behind_queued_writes_leaves_no_task_unobserved(
     sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = download._PartSink.write
+    real_write = partfile.PartSink.write
     calls = {"n": 0}
 
     def full_after_one_piece(self: Any, data: bytes) -> None:
@@ -44,7 +44,7 @@ async def test_a_write_failing_behind_queued_writes_leaves_no_task_unobserved(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(self, data)
 
-    monkeypatch.setattr(download._PartSink, "write", full_after_one_piece)
+    monkeypatch.setattr(partfile.PartSink, "write", full_after_one_piece)
     unobserved: list[str] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _, context: unobserved.append(str(context.get("message"))))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_export.download import part_path
+from batch_export.partfile import part_path
 from batch_export.partlock import PartBusy, lock_part
 from batch_export.runner import Outcome
 from batch_export.sandbox import Sandbox, SandboxConfig

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from batch_export import download, runner
+from batch_export import partfile, runner
 from batch_export.errors import LocalIOError
 from batch_export.manifest import ExportSpec
 from batch_export.runner import Job, JobResult, Outcome, Runner, RunResult, Settings
@@ -239,6 +239,6 @@ async def test_a_state_store_unreadable_at_the_first_read_runs_nothing(
 
 
 def test_download_names_local_errors_the_runner_judges() -> None:
-    assert download.local_io_error(OSError(errno.EMFILE, "x")).code == "too_many_open_files"
-    assert download.local_io_error(OSError(errno.EDQUOT, "x")).code == "disk_full"
-    assert download.local_io_error(OSError(errno.ENOENT, "x")).code == "local_io"
+    assert partfile.local_io_error(OSError(errno.EMFILE, "x")).code == "too_many_open_files"
+    assert partfile.local_io_error(OSError(errno.EDQUOT, "x")).code == "disk_full"
+    assert partfile.local_io_error(OSError(errno.ENOENT, "x")).code == "local_io"

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from batch_export import download
-from batch_export.download import Transfer, commit_part, discard_part, verify_package
+from batch_export import partfile
 from batch_export.errors import LocalIOError, VerificationError
+from batch_export.partfile import commit_part, discard_part
 from batch_export.safepath import PathProblem, open_dir, open_file
 from batch_export.segments import SegmentState
+from batch_export.types import Transfer
+from batch_export.verify import verify_package
 
 
 def a_zip() -> bytes:
@@ -81,12 +83,12 @@ def test_a_planted_part_is_replaced_and_what_it_points_at_untouched(
     else:
         os.mkfifo(part)
     if segmented:
-        sink = download._RangeSink(part, out, SegmentState(6, ((0, 3),)), md5=False)
+        sink = partfile.RangeSink(part, out, SegmentState(6, ((0, 3),)), md5=False)
         sink.write(0, memoryview(b"abcdef"))
         assert not sink.kept
         sink.close()
     else:
-        plain = download._PartSink(part, 3, md5=False, root=out)
+        plain = partfile.PartSink(part, 3, md5=False, root=out)
         assert plain.size == 0  # nothing of it was kept for a resume
         plain.write(b"abcdef")
         plain.close()
@@ -154,7 +156,7 @@ def test_running_out_of_descriptors_while_verifying_is_no_bad_zip(
     def no_descriptors(*args: object, **kwargs: object) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(download.os, "open", no_descriptors)
+    monkeypatch.setattr(partfile.os, "open", no_descriptors)
     with pytest.raises(LocalIOError) as caught:
         verify_package(part, Transfer(size=len(data)))
     assert not isinstance(caught.value, VerificationError)

@@ -16,10 +16,11 @@ import aiohttp
 import anyio
 import pytest
 
-from batch_export import download
-from batch_export.download import CRC_BLOCK, PIECE_SIZE, Downloader, Transfer, verify_package
+from batch_export import partfile
+from batch_export.download import Downloader
 from batch_export.errors import UrlRejected
 from batch_export.http import HttpSession, open_sessions
+from batch_export.partfile import CRC_BLOCK, PIECE_SIZE
 from batch_export.sandbox import (
     Catalog,
     Ending,
@@ -32,6 +33,8 @@ from batch_export.sandbox import (
     StoragePlan,
 )
 from batch_export.segments import Schedule, SegmentState, add_range, missing_ranges
+from batch_export.types import Transfer
+from batch_export.verify import verify_package
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -245,7 +248,7 @@ def test_resumed_schedule_claims_only_what_is_missing() -> None:
 def test_range_sink_hashes_in_order_whatever_order_pieces_arrive(tmp_path: Path) -> None:
     data = os.urandom(9 * CRC_BLOCK + 777)
     part = tmp_path / "x.part"
-    sink = download._RangeSink(part, tmp_path, SegmentState(len(data)), md5=True)
+    sink = partfile.RangeSink(part, tmp_path, SegmentState(len(data)), md5=True)
     pieces = [(i, min(len(data), i + CRC_BLOCK)) for i in range(0, len(data), CRC_BLOCK)]
     random.Random(5).shuffle(pieces)
     for start, stop in pieces:
@@ -264,7 +267,7 @@ def test_range_sink_hashes_pieces_in_file_order_from_memory_without_reading_back
 ) -> None:
     data = os.urandom(5 * CRC_BLOCK + 123)
     part = tmp_path / "x.part"
-    sink = download._RangeSink(part, tmp_path, SegmentState(len(data)), md5=True)
+    sink = partfile.RangeSink(part, tmp_path, SegmentState(len(data)), md5=True)
     read_back: list[tuple[int, int]] = []
     monkeypatch.setattr(sink, "_read_back", lambda a, b: read_back.append((a, b)))
     for start in range(0, len(data), CRC_BLOCK):
@@ -279,7 +282,7 @@ def test_range_sink_hashes_pieces_in_file_order_from_memory_without_reading_back
 def test_a_failed_write_at_the_prefix_leaves_the_sink_unable_to_finish(tmp_path: Path) -> None:
     data = os.urandom(2 * CRC_BLOCK)
     part = tmp_path / "x.part"
-    sink = download._RangeSink(part, tmp_path, SegmentState(len(data)), md5=False)
+    sink = partfile.RangeSink(part, tmp_path, SegmentState(len(data)), md5=False)
     fd = sink._fd
     sink._fd = os.open(os.devnull, os.O_RDONLY)  # the write fails (EBADF) after hashing began
     with pytest.raises(OSError):
@@ -297,7 +300,7 @@ def test_range_sink_resumes_ranges_left_by_an_earlier_run(tmp_path: Path) -> Non
     part = tmp_path / "x.part"
     part.write_bytes(data[: 2 * CRC_BLOCK] + bytes(2 * CRC_BLOCK) + data[4 * CRC_BLOCK :])
     state = SegmentState(len(data), ((0, 2 * CRC_BLOCK), (4 * CRC_BLOCK, 6 * CRC_BLOCK)))
-    sink = download._RangeSink(part, tmp_path, state, md5=False)
+    sink = partfile.RangeSink(part, tmp_path, state, md5=False)
     assert sink.kept
     sink.write(2 * CRC_BLOCK, memoryview(data[2 * CRC_BLOCK : 4 * CRC_BLOCK]))
     sha256, _ = sink.finish()

@@ -845,9 +845,10 @@ class _Segmented:
         for the file's lock and bytes read back for the hash (profiled, see
         ``benchmarks/RESULTS.md``). So over each :data:`_RAMP_PROBE` seconds (real time) the
         rate per working connection and the process's rate are measured; when both are below
-        ``fast_connection`` and ``fast_process`` the other connections open at once; else the
-        download is judged fast (the second connection stops after its range, the lead reads
-        on) and the check repeats while ranges are left.
+        ``fast_connection`` and ``fast_process`` the other connections open at once (a window
+        in which no byte came says nothing, and is not counted); else the download is judged
+        fast (the second connection stops after its range, the lead reads on) and the check
+        repeats while ranges are left.
         """
         downloader = self._d
         try:
@@ -856,6 +857,8 @@ class _Segmented:
                 wall = time.perf_counter()
                 await anyio.sleep(_RAMP_PROBE)
                 seconds = max(1e-9, time.perf_counter() - wall)
+                if self._received == mine:
+                    continue  # no byte yet (first-byte latency, a busy loop): no evidence
                 per_connection = (self._received - mine) / seconds / max(1, self._active)
                 process = (downloader.bytes_received - everyone) / seconds
                 fast = per_connection >= downloader.fast_connection

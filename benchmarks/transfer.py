@@ -47,7 +47,7 @@ from pathlib import Path
 
 from benchmarks._common import GIB, MIB, PYTHON, ROOT, Figure, bench_env, log, run_measured
 
-REPEATS = 3
+REPEATS = 5
 PIPELINE_REPEATS = 1
 SLOW_REPEATS = 1  # single-connection runs of the capped case: ~50 s each
 BIG = 2 * GIB

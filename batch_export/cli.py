@@ -300,6 +300,7 @@ def validate(manifest: Path) -> None:
 @click.option(
     "--api-url",
     envvar="BATCH_EXPORT_API_URL",
+    metavar="URL",
     help="API base URL [default: manifest api.url, else https://api.pixxel.space].",
 )
 @click.option(

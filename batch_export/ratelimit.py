@@ -10,11 +10,16 @@ The climb remembers the rate that drew the last 429 (the *ceiling*): it returns 
 below it, then probes above it slowly, since the server's limit is most likely right there; only past
 the ceiling does it climb at the usual pace again. So a limit below the configured rate is followed
 closely, and a single stray 429 (jitter) costs about its pause, not many seconds at half rate.
+
+All time is the injected :class:`~batch_export.clock.Clock`'s: only the caller at the head of the
+queue waits (``clock.sleep`` until its slot), so a fake clock drives the limiter entirely. A caller
+queued behind it with a deadline is refused as soon as the earliest slot is past that deadline
+(the earliest slot never moves earlier), not by a timer of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
@@ -50,6 +55,14 @@ class LimiterStats:
     granted: int
 
 
+@dataclass(eq=False, slots=True)
+class _Queued:
+    """A caller with a deadline (monotonic seconds) waiting for the lock; cancelled when late."""
+
+    deadline: float
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
 class RateLimiter:
     """Shared token bucket (burst 1) with Retry-After pauses and adaptive rate.
 
@@ -73,6 +86,7 @@ class RateLimiter:
         self._last_climb = clock.monotonic()
         self._throttled = 0
         self._granted = 0
+        self._queued: set[_Queued] = set()  # deadline callers waiting for the lock
 
     @property
     def stats(self) -> LimiterStats:
@@ -95,23 +109,20 @@ class RateLimiter:
 
         Returns:
             True when the caller may send now; False (no slot taken) when its turn would come
-            after ``deadline``, e.g. behind a long Retry-After pause.
+            after ``deadline``, e.g. behind a long Retry-After pause, or the call comes at or past
+            it. Decided on the injected clock only: the caller is refused as soon as that is
+            known, never after a real-time timer.
         """
         queued = self._lock.locked()
         if deadline is None:
             await self._lock.acquire()
-        else:
-            acquired = False
-            with anyio.move_on_after(max(0.0, deadline - self._clock.monotonic())):
-                await self._lock.acquire()
-                acquired = True
-            if not acquired:
-                return False
+        elif not await self._lock_by(deadline):
+            return False
         try:
             while True:
                 now = self._clock.monotonic()
                 self._climb(now)
-                ready_at = max(self._next_slot, self._paused_until)
+                ready_at = self._ready_at()
                 if ready_at <= now:
                     break
                 if deadline is not None and ready_at > deadline:
@@ -127,9 +138,45 @@ class RateLimiter:
             start = max(ready_at, now - interval * _CATCH_UP) if queued else now
             self._next_slot = start + interval
             self._granted += 1
+            self._refuse_late()
             return True
         finally:
             self._lock.release()
+
+    async def _lock_by(self, deadline: float) -> bool:
+        """Take the lock, or return False once the earliest slot is past ``deadline``.
+
+        The earliest slot (``max(next slot, pause end)``) only moves later, so a caller whose
+        deadline is before it can never be served in time: it is refused at once, on arrival or
+        by :meth:`_refuse_late` when a grant or a 429 moves that slot. No timer runs. A caller
+        arriving at or past its deadline is refused at once.
+        """
+        if self._clock.monotonic() >= deadline:
+            return False
+        if not self._lock.locked():
+            await self._lock.acquire()  # the head: its own turn is judged in acquire's loop
+            return True
+        if self._ready_at() > deadline:
+            return False
+        waiter = _Queued(deadline)
+        self._queued.add(waiter)
+        try:
+            with waiter.scope:
+                await self._lock.acquire()
+        finally:
+            self._queued.discard(waiter)
+        return not waiter.scope.cancelled_caught
+
+    def _ready_at(self) -> float:
+        """Monotonic seconds of the earliest slot anyone can be granted."""
+        return max(self._next_slot, self._paused_until)
+
+    def _refuse_late(self) -> None:
+        """Cancel the lock wait of every queued caller whose deadline is before the earliest slot."""
+        ready_at, now = self._ready_at(), self._clock.monotonic()
+        for waiter in [w for w in self._queued if w.deadline < ready_at or w.deadline <= now]:
+            self._queued.discard(waiter)
+            waiter.scope.cancel()
 
     def throttled(self, retry_after: float | None) -> None:
         """Record a 429: pause everyone for ``retry_after`` seconds (clamped) and slow down.
@@ -149,6 +196,7 @@ class RateLimiter:
         pause = min(MAX_RETRY_AFTER, max(0.0, pause))
         self._paused_until = max(self._paused_until, now + pause)
         self._next_slot = max(self._next_slot, self._paused_until)
+        self._refuse_late()
 
     def _climb(self, now: float) -> None:
         # Additive increase once calm for _CALM_SECONDS: quickly back to just below the ceiling,

@@ -174,3 +174,112 @@ async def test_retry_budget_backs_off_with_jitter_then_gives_up() -> None:
     assert (info.value.code, info.value.http_status, info.value.job_key) == ("http_503", 503, "k")
     assert info.value.message == "API answered HTTP 503 (after 3 attempts)"
     assert len(clock.sleeps) == 2
+
+
+class StepClock:
+    """Virtual time that moves only when every task waits: straight to the earliest wake-up.
+
+    Unlike :class:`FakeClock`, a sleep really waits (for :meth:`run` to reach its end), so the
+    sleeps of concurrent tasks do not add up and a wait that is not on this clock never ends.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+        self._sleepers: list[tuple[float, anyio.Event]] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return self.now + 1_800_000_000.0
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        woken = anyio.Event()
+        self._sleepers.append((self.now + max(0.0, seconds), woken))
+        await woken.wait()
+
+    async def run(self) -> None:
+        """Until no one sleeps: wait for every task to block, then jump to the next wake-up."""
+        while True:
+            await anyio.wait_all_tasks_blocked()
+            if not self._sleepers:
+                return
+            self.now = min(at for at, _ in self._sleepers)
+            for item in [s for s in self._sleepers if s[0] <= self.now]:
+                self._sleepers.remove(item)
+                item[1].set()
+
+
+async def test_a_queued_deadline_caller_is_refused_in_clock_time_once_its_turn_is_late() -> None:
+    clock = StepClock()
+    limiter = RateLimiter(4.0, clock=clock)
+    limiter.throttled(1.0)  # paused until 1001; halved to 2/s (slots 0.5 s apart) for 2 calm s
+    events: list[tuple[str, bool, float]] = []
+
+    async def caller(name: str, deadline: float | None) -> None:
+        events.append((name, await limiter.acquire(deadline=deadline), clock.now))
+
+    async with anyio.create_task_group() as tg:
+        for name, deadline in [
+            ("a", None),  # 1001.0
+            ("b", 1000.9),  # before the pause ends: refused on arrival
+            ("c", None),  # 1001.5
+            ("e", None),  # 1002.0
+            ("d", 1001.7),  # behind c and e: refused once c's grant puts the next slot at 1002.0
+            ("f", 1002.5),  # exactly at its slot: served
+        ]:
+            tg.start_soon(caller, name, deadline)
+            await anyio.wait_all_tasks_blocked()
+        await clock.run()
+    assert events == [
+        ("b", False, 1000.0),
+        ("a", True, 1001.0),
+        ("c", True, 1001.5),
+        ("d", False, 1001.5),
+        ("e", True, 1002.0),
+        ("f", True, 1002.5),
+    ]
+    assert clock.sleeps == [1.0, 0.5, 0.5, 0.5]  # only the head of the queue ever waits
+    assert limiter.stats.granted == 4
+
+
+async def test_a_429_refuses_the_queued_callers_it_pushes_past_their_deadline_at_once() -> None:
+    clock = StepClock()
+    limiter = RateLimiter(4.0, clock=clock)
+    assert await limiter.acquire() is True  # next slot 1000.25
+    events: list[tuple[str, bool, float]] = []
+
+    async def caller(name: str, deadline: float | None) -> None:
+        events.append((name, await limiter.acquire(deadline=deadline), clock.now))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(caller, "head", None)  # sleeping until 1000.25
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(caller, "late", 1010.0)
+        tg.start_soon(caller, "patient", 1030.5)
+        await anyio.wait_all_tasks_blocked()
+        limiter.throttled(30.0)  # paused until 1030, 2/s
+        await anyio.wait_all_tasks_blocked()
+        assert events == [("late", False, 1000.0)]  # no one waited for a deadline to pass
+        await clock.run()
+    assert events == [("late", False, 1000.0), ("head", True, 1030.0), ("patient", True, 1030.5)]
+    assert clock.sleeps == [0.25, 29.75, 0.5]
+
+
+async def test_concurrent_deadline_callers_are_paced_exactly_on_a_fake_clock() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(4.0, clock=clock)
+    granted: list[tuple[bool, float]] = []
+
+    async def caller(deadline: float) -> None:
+        granted.append((await limiter.acquire(deadline=deadline), clock.now))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(9):
+            tg.start_soon(caller, 1002.0)  # the ninth slot is 1000 + 8 / 4 = 1002.0: all in time
+        tg.start_soon(caller, 1002.1)  # the tenth slot, 1002.25, is past its deadline
+    assert granted == [(True, 1000.0 + n * 0.25) for n in range(9)] + [(False, 1002.0)]
+    assert clock.now - 1000.0 == 2.0  # (9 - 1) / 4 s of fake time, nothing more
+    assert clock.sleeps == [0.25] * 8  # one waiter at a time: fake sleeps do not pile up

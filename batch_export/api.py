@@ -219,6 +219,11 @@ class PixxelClient:
         )
         self.stats = RequestStats()
 
+    @property
+    def clock(self) -> Clock:
+        """The client's time source: every ``deadline`` it is given is on its ``monotonic``."""
+        return self._clock
+
     def url_for(self, spec: ExportSpec) -> str:
         """Return the download PUT URL for ``spec`` (ids percent-encoded as path segments)."""
         return self._base + self.path_for(spec)

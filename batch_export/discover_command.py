@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -132,7 +131,7 @@ async def _resolve(
             connections=connections,
         )
         return await discover(
-            api_fetch(client, deadline=time.monotonic() + settings.poll_timeout),
+            api_fetch(client, deadline=clock.monotonic() + settings.poll_timeout),
             manifest,
             explicit=manifest.exports,
             now=_dt.datetime.now(_dt.UTC),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -173,7 +172,7 @@ def run_hook(
     """
 
     async def hook(client: PixxelClient) -> Discovered:
-        fetch = api_fetch(client, deadline=time.monotonic() + settings.poll_timeout)
+        fetch = api_fetch(client, deadline=client.clock.monotonic() + settings.poll_timeout)
         resolution = await discover(
             fetch,
             manifest,

@@ -34,9 +34,11 @@ from batch_export.segments import Ranges, SegmentState, add_range
 
 __all__ = [
     "CRC_BLOCK",
+    "DISK_HEADROOM",
     "PIECE_SIZE",
     "PartSink",
     "RangeSink",
+    "check_headroom",
     "commit_part",
     "discard_part",
     "local_io_error",
@@ -57,6 +59,32 @@ _hashers_lock = threading.Lock()
 #: Bytes written between two requests to start writeback (see ``PartSink._start_writeback``).
 _WRITEBACK_WINDOW = 32 * 1024 * 1024
 _FADVISE: Callable[[int, int, int, int], None] | None = getattr(os, "posix_fadvise", None)
+#: A download stops with ``disk_full`` while this much of its file system is still free (bytes;
+#: at most 5 % of the file system): the state store is often on the same disk, and it must
+#: still be able to record the failure (SQLite's WAL grows by pages at each commit).
+DISK_HEADROOM = 64 * 1024 * 1024
+
+
+def check_headroom(fd: int, incoming: int = 0) -> None:
+    """Raise ``ENOSPC`` if the file system of ``fd`` would keep less than its headroom free.
+
+    ``incoming``: bytes about to be written (they must fit above the headroom).
+
+    The headroom is :data:`DISK_HEADROOM`, or 5 % of the file system where that is less (a
+    small disk is still usable). File systems that report no size are not judged.
+
+    Raises:
+        OSError: ``ENOSPC``.
+    """
+    try:
+        stats = os.fstatvfs(fd)
+    except OSError:
+        return
+    size = stats.f_blocks * stats.f_frsize
+    if size <= 0:
+        return
+    if stats.f_bavail * stats.f_frsize - incoming < min(DISK_HEADROOM, size // 20):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _hash_pool() -> ThreadPoolExecutor:
@@ -271,7 +299,13 @@ class PartSink:
         return [*self._crcs, self._crc] if self._crc_fill else list(self._crcs)
 
     def write(self, data: bytes) -> None:
-        """Append ``data`` and hash it, the hashing on helper threads meanwhile."""
+        """Append ``data`` and hash it, the hashing on helper threads meanwhile.
+
+        Raises:
+            OSError: the write failed, or the disk is down to its headroom (``ENOSPC``, see
+                :func:`check_headroom`).
+        """
+        check_headroom(self._file.fileno(), len(data))
         pool = _hash_pool()
         hashing = [pool.submit(self._sha.update, data)]
         if self._md5 is not None:
@@ -368,18 +402,32 @@ def _pwrite_all(fd: int, parts: list[memoryview], offset: int) -> int:
     return total
 
 
-def _preallocate(fd: int, size: int) -> None:
-    """Give the file ``size`` bytes: reserved where the file system allows, else sparse."""
-    if os.fstat(fd).st_size >= size:
-        return
+def _preallocate(fd: int, size: int) -> bool:
+    """Give the file ``size`` bytes: reserved where the file system allows, else sparse.
+
+    Returns True if the blocks are reserved now (then no later write can run out of space).
+    Where reserving them leaves the disk below its headroom (:func:`check_headroom`) the file is
+    shrunk back and ``ENOSPC`` raised.
+    """
+    before = os.fstat(fd).st_size
+    if before >= size:
+        return False  # an earlier run's file: its blocks may be sparse
     if _FALLOCATE is not None:
         try:
             _FALLOCATE(fd, size)
-            return
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                os.ftruncate(fd, before)
                 raise
+        else:
+            try:
+                check_headroom(fd)
+            except OSError:
+                os.ftruncate(fd, before)  # give the space back: nothing was written there
+                raise
+            return True
     os.ftruncate(fd, size)
+    return False
 
 
 class RangeSink:
@@ -414,7 +462,7 @@ class RangeSink:
         self._poisoned = False  # a failed write left the digests ahead of the disk
         self._buffer: bytearray | None = None
         try:
-            _preallocate(fd, state.total)
+            self._reserved = _preallocate(fd, state.total)
         except BaseException:
             os.close(fd)
             raise
@@ -426,6 +474,8 @@ class RangeSink:
         (no copy gathers them first).
         """
         parts = [data] if isinstance(data, memoryview) else list(data)
+        if not self._reserved:
+            check_headroom(self._fd, sum(len(part) for part in parts))
         with self._lock:
             at_prefix = not self._hashing and self._hashed == offset and not self._poisoned
             if at_prefix:

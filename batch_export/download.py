@@ -15,6 +15,7 @@ import binascii
 import collections
 import functools
 import logging
+import mmap
 import random
 import re
 import time
@@ -1074,7 +1075,8 @@ class _Segmented:
     async def _take_buffer(self) -> memoryview:
         """A :data:`PIECE_SIZE` buffer for the next piece, once the download's budget allows."""
         await self._pieces.acquire()
-        return self._spare.pop() if self._spare else memoryview(bytearray(PIECE_SIZE))
+        # Anonymous mmap: page-aligned, so the sink can write it with O_DIRECT.
+        return self._spare.pop() if self._spare else memoryview(mmap.mmap(-1, PIECE_SIZE))
 
     def _give_buffer(self, buffer: memoryview) -> None:
         self._spare.append(buffer)

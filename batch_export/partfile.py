@@ -402,6 +402,36 @@ def _pwrite_all(fd: int, parts: list[memoryview], offset: int) -> int:
     return total
 
 
+#: Alignment of ``O_DIRECT`` writes: offset, length and buffer address (bytes; the page size
+#: covers every logical block size in use).
+_DIRECT_ALIGN = 4096
+
+
+def _open_direct(fd: int) -> int:
+    """A second descriptor of ``fd``'s file for ``O_DIRECT`` writes, or -1 where there is none.
+
+    Reopened through ``/proc/self/fd`` (the same inode, no path looked up again), so the flag
+    is this descriptor's alone: reads and the unaligned last bytes keep the buffered one. File
+    systems without direct I/O (tmpfs, some FUSE) refuse the open: then everything is buffered.
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | flag | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether ``view`` starts at a :data:`_DIRECT_ALIGN` address (False for read-only bytes)."""
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return False
+    return address % _DIRECT_ALIGN == 0
+
+
 def _preallocate(fd: int, size: int) -> bool:
     """Give the file ``size`` bytes: reserved where the file system allows, else sparse.
 
@@ -466,6 +496,32 @@ class RangeSink:
         except BaseException:
             os.close(fd)
             raise
+        self._direct = _open_direct(fd)
+
+    def _pwrite(self, parts: list[memoryview], offset: int) -> int:
+        """Write ``parts`` at ``offset``: past the page cache where it can, else buffered.
+
+        A piece in one aligned buffer (the downloader's pieces are page-aligned, whole CRC
+        blocks at block offsets) goes with ``O_DIRECT``: straight from the buffer to the disk,
+        no copy into the page cache and no writeback left for the fsync (on the benchmark VM,
+        filling fresh page-cache pages cost 0.2-2.5 CPU s/GiB, a direct write 0.1). Anything
+        else (the entity's last bytes, a file system that refuses) is buffered.
+        """
+        if self._direct >= 0 and len(parts) == 1:
+            view = parts[0]
+            if offset % _DIRECT_ALIGN == 0 and len(view) % _DIRECT_ALIGN == 0 and _aligned(view):
+                try:
+                    written = os.pwrite(self._direct, view, offset)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    os.close(self._direct)  # this file system takes no direct writes
+                    self._direct = -1
+                else:
+                    if written == len(view):
+                        return written
+                    return written + _pwrite_all(self._fd, [view[written:]], offset + written)
+        return _pwrite_all(self._fd, parts, offset)
 
     def write(self, offset: int, data: memoryview | Sequence[memoryview]) -> None:
         """Write ``data`` (whole CRC blocks, or the entity's last bytes) at ``offset``.
@@ -484,7 +540,7 @@ class RangeSink:
             self._write_hashing(offset, parts)
             self._follow(offset, [], 0)  # and whatever other connections wrote beyond it
             return
-        size = _pwrite_all(self._fd, parts, offset)
+        size = self._pwrite(parts, offset)
         self._block_crcs(offset, parts)
         with self._lock:
             self._done = add_range(self._done, offset, offset + size)
@@ -507,7 +563,7 @@ class RangeSink:
             hashing.append(pool.submit(self._md5_parts, parts))
         try:
             try:
-                size = _pwrite_all(self._fd, parts, offset)
+                size = self._pwrite(parts, offset)
                 self._block_crcs(offset, parts)
             finally:
                 for job in hashing:
@@ -637,9 +693,10 @@ class RangeSink:
 
     def close(self) -> None:
         """Close the file (idempotent; never raises)."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for fd in (self._direct, self._fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._fd = self._direct = -1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -293,6 +294,77 @@ def test_a_failed_write_at_the_prefix_leaves_the_sink_unable_to_finish(tmp_path:
     with pytest.raises(OSError, match=r"a write to the \.part failed"):
         sink.finish()  # the SHA-256 took bytes that never reached the disk: never trusted
     sink.close()
+
+
+def _aligned_piece(data: bytes) -> memoryview:
+    import mmap
+
+    buffer = memoryview(mmap.mmap(-1, max(len(data), 1)))
+    buffer[: len(data)] = data
+    return buffer[: len(data)]
+
+
+def test_range_sink_writes_aligned_pieces_past_the_page_cache_and_the_tail_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(3 * CRC_BLOCK + 777)
+    part = tmp_path / "x.part"
+    sink = partfile.RangeSink(part, tmp_path, SegmentState(len(data)), md5=True)
+    if sink._direct < 0:
+        sink.close()
+        pytest.skip("this file system takes no O_DIRECT")
+    used: list[tuple[str, int, int]] = []
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+
+    def pwrite(fd: int, view: Any, offset: int) -> int:
+        used.append(("direct" if fd == sink._direct else "buffered", offset, len(view)))
+        return real_pwrite(fd, view, offset)
+
+    def pwritev(fd: int, views: Any, offset: int) -> int:
+        used.append(("direct" if fd == sink._direct else "buffered", offset, sum(map(len, views))))
+        return real_pwritev(fd, views, offset)
+
+    monkeypatch.setattr(partfile.os, "pwrite", pwrite)
+    monkeypatch.setattr(partfile.os, "pwritev", pwritev)
+    for start in range(0, len(data), CRC_BLOCK):
+        sink.write(start, _aligned_piece(data[start : start + CRC_BLOCK]))
+    sha256, md5 = sink.finish()
+    sink.close()
+    assert used == [
+        ("direct", 0, CRC_BLOCK),
+        ("direct", CRC_BLOCK, CRC_BLOCK),
+        ("direct", 2 * CRC_BLOCK, CRC_BLOCK),
+        ("buffered", 3 * CRC_BLOCK, 777),  # the entity's last bytes: not a whole block
+    ]
+    assert part.read_bytes() == data
+    assert sha256 == hashlib.sha256(data).hexdigest()
+    assert md5 == hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def test_range_sink_falls_back_to_buffered_writes_where_direct_ones_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(2 * CRC_BLOCK)
+    part = tmp_path / "x.part"
+    sink = partfile.RangeSink(part, tmp_path, SegmentState(len(data)), md5=False)
+    if sink._direct < 0:
+        sink.close()
+        pytest.skip("this file system takes no O_DIRECT")
+    direct, real_pwrite = sink._direct, os.pwrite
+
+    def pwrite(fd: int, view: Any, offset: int) -> int:
+        if fd == direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, view, offset)
+
+    monkeypatch.setattr(partfile.os, "pwrite", pwrite)
+    for start in range(0, len(data), CRC_BLOCK):
+        sink.write(start, _aligned_piece(data[start : start + CRC_BLOCK]))
+    assert sink._direct == -1  # given up after the first refusal
+    sha256, _ = sink.finish()
+    sink.close()
+    assert part.read_bytes() == data
+    assert sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_range_sink_resumes_ranges_left_by_an_earlier_run(tmp_path: Path) -> None:

@@ -490,7 +490,6 @@ class RangeSink:
         self._lock = threading.Lock()
         self._hashing = False
         self._poisoned = False  # a failed write left the digests ahead of the disk
-        self._buffer: bytearray | None = None
         try:
             self._reserved = _preallocate(fd, state.total)
         except BaseException:
@@ -637,9 +636,9 @@ class RangeSink:
             raise
 
     def _read_back(self, start: int, stop: int) -> None:
-        if self._buffer is None:
-            self._buffer = bytearray(2 * PIECE_SIZE)
-        view = memoryview(self._buffer)
+        # One piece's buffer for this catch-up only: eight downloads' sinks keeping one each
+        # held 16 MiB for nothing (they read back only the tail other connections wrote).
+        view = memoryview(bytearray(min(PIECE_SIZE, stop - start)))
         position = start
         while position < stop:
             count = os.preadv(self._fd, [view[: min(len(view), stop - position)]], position)

@@ -511,6 +511,19 @@ def _figures(results: dict[str, dict[str, Summary]]) -> list[Figure]:
             f"{capped[RUNNER_16].rss_mib:.0f} MiB; default (8) {big[RUNNER].rss_mib:.0f} MiB",
         )
     )
+    many = results["8 x 256 MiB"][RUNNER].rss_mib
+    figures.append(
+        Figure(
+            "cpu/memory",
+            "peak RSS of the runner, 8 x 256 MiB at once (16 streams at the start)",
+            many,
+            "MiB",
+            "",
+            None,
+            "VmHWM of the runner process: 8 downloads, each a lead connection and one for its "
+            "last range; two 1 MiB pieces per connection plus the interpreter",
+        )
+    )
     speeds = "; ".join(f"{label} {trial.speed()}" for label, trial in capped.items())
     pairs = [(RUNNER, ARIA_8, 0.9), (RUNNER_16, ARIA_16, 0.9)]
     for mine_label, other_label, target in pairs:

@@ -61,15 +61,13 @@ async def test_a_write_failing_behind_queued_writes_leaves_no_task_unobserved(
     assert unobserved == []
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (root only); skipped where mounting is not allowed."""
-    mount = tmp_path / "small"
+def _tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` at ``mount`` for the test (root only; skipped elsewhere)."""
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
         capture_output=True,
         check=False,
     )
@@ -81,21 +79,33 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only); skipped where mounting is not allowed."""
+    yield from _tmpfs(tmp_path / "small", "1m")
+
+
+def _manifest(sb: Any, folder: Path, limits: str, *, per_aoi: int) -> Path:
+    """A manifest of ``per_aoi`` insights of each of the sandbox's first two AOIs."""
+    lines = ["version: 1", f"limits: {{{limits}}}", "exports:"]
+    for aoi in sb.catalog.aois[:2]:
+        for ins in aoi.insights[:per_aoi]:
+            lines.append(
+                f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", '
+                f"inputs: {list(ins.inputs)!r}, outputs: {list(ins.outputs)!r}}}"
+            )
+    manifest = folder / "m.yaml"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 @pytest.mark.parametrize("quiet", [False, True], ids=["normal", "quiet"])
 def test_a_full_disk_prints_no_traceback(
     small_disk: Path, tmp_path: Path, log_format: str, quiet: bool
 ) -> None:
     with sandbox_thread(SandboxConfig(keys=(KEY,), asset_size=400_000, rate=None)) as sb:
-        lines = ["version: 1", "limits: {poll_interval: 0.05s, rate: 50}", "exports:"]
-        for aoi in sb.catalog.aois[:2]:
-            for ins in aoi.insights[:3]:
-                lines.append(
-                    f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", '
-                    f"inputs: {list(ins.inputs)!r}, outputs: {list(ins.outputs)!r}}}"
-                )
-        manifest = tmp_path / "m.yaml"
-        manifest.write_text("\n".join(lines) + "\n")
+        manifest = _manifest(sb, tmp_path, "poll_interval: 0.05s, rate: 50", per_aoi=3)
         proc = subprocess.run(
             [
                 *(sys.executable, "-m", "batch_export", "run", str(manifest)),
@@ -160,21 +170,7 @@ def test_a_segmented_part_that_would_leave_less_than_the_headroom_is_given_back(
 @pytest.fixture
 def shared_disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs for the output and the state dir both (root only)."""
-    mount = tmp_path / "shared"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    yield from _tmpfs(tmp_path / "shared", "8m")
 
 
 @pytest.mark.parametrize("connections", [1, 8])
@@ -186,23 +182,14 @@ def test_a_disk_shared_with_the_state_store_fills_into_disk_full_not_a_dead_stor
     # space first and the run died with state_store, no job failed), and a re-run still opens
     # the store and records the same.
     with sandbox_thread(SandboxConfig(keys=(KEY,), asset_size=800_000, rate=None)) as sb:
-        lines = [
-            "version: 1",
-            # One download at a time: on a disk this small, 5 % (410 KiB) is less than two
-            # streams' pieces written between two checks (on a real disk the 64 MiB is more
-            # than downloads x connections pieces).
-            f"limits: {{poll_interval: 0.05s, rate: 50, downloads: 1, "
-            f"connections: {connections}, segment_min: 1MiB}}",
-            "exports:",
-        ]
-        for aoi in sb.catalog.aois[:2]:
-            for ins in aoi.insights[:4]:
-                lines.append(
-                    f'  - {{aoi_id: "{aoi.id}", insight_id: "{ins.id}", '
-                    f"inputs: {list(ins.inputs)!r}, outputs: {list(ins.outputs)!r}}}"
-                )
-        manifest = tmp_path / "m.yaml"
-        manifest.write_text("\n".join(lines) + "\n")
+        # One download at a time: on a disk this small, 5 % (410 KiB) is less than two
+        # streams' pieces written between two checks (on a real disk the 64 MiB is more than
+        # downloads x connections pieces).
+        limits = (
+            "poll_interval: 0.05s, rate: 50, downloads: 1, "
+            f"connections: {connections}, segment_min: 1MiB"
+        )
+        manifest = _manifest(sb, tmp_path, limits, per_aoi=4)
         argv = [
             *(sys.executable, "-m", "batch_export", "run", str(manifest)),
             *("--api-url", sb.api_url, "--out", str(shared_disk / "out")),

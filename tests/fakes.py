@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,6 +68,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without any PIXXEL_*/BATCH_EXPORT_* variable, plus ``extra``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PIXXEL_", "BATCH_EXPORT_"))}
     return base | extra
+
+
+def cli_process(*args: str, key: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m batch_export ARGS`` in a real process, with only ``key`` as the API key."""
+    return subprocess.run(
+        [sys.executable, "-m", "batch_export", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(PIXXEL_API_KEY=key),
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import pytest
 
 from batch_export import discover_command
 from batch_export.sandbox import Catalog, Fault, FaultScript, Rule, Sandbox, SandboxConfig
-from tests.fakes import FakeClock, clean_env, cli_in_process, sandbox_thread
+from tests.fakes import FakeClock, clean_env, cli_in_process, cli_process, sandbox_thread
 
 KEY = "nightly-key-4e1a"
 CATALOG = Catalog.generate(0, 250)
@@ -120,14 +120,7 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "batch_export", *args],
-        capture_output=True,
-        text=True,
-        env=clean_env(PIXXEL_API_KEY=KEY),
-        cwd=cwd,
-        timeout=300,
-    )
+    return cli_process(*args, key=KEY, cwd=cwd)
 
 
 @dataclass(frozen=True)

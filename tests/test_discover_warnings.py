@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from batch_export.sandbox import Sandbox, SandboxConfig
-from tests.fakes import clean_env, sandbox_thread
+from tests.fakes import cli_process, sandbox_thread
 
 KEY = "warn-key-60aa"
 
@@ -23,14 +22,7 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "batch_export", *args],
-        capture_output=True,
-        text=True,
-        env=clean_env(PIXXEL_API_KEY=KEY),
-        cwd=cwd,
-        timeout=120,
-    )
+    return cli_process(*args, key=KEY, cwd=cwd)
 
 
 def test_a_project_without_aois_is_a_warning_in_discover_and_the_report(

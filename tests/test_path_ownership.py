@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from batch_export.sandbox import Sandbox, SandboxConfig
-from tests.fakes import clean_env, sandbox_thread
+from tests.fakes import cli_process, sandbox_thread
 
 KEY = "owner-key-77c1"
 AOI_INDEX = 0
@@ -33,14 +32,7 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "batch_export", *args],
-        capture_output=True,
-        text=True,
-        env=clean_env(PIXXEL_API_KEY=KEY),
-        cwd=cwd,
-        timeout=300,
-    )
+    return cli_process(*args, key=KEY, cwd=cwd)
 
 
 def report_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
